@@ -1,0 +1,7 @@
+//! The networks of the toolchain, in Candle: Xception exactly as Keras defines it, its classifier
+//! head, the fast CPU kernels they run on, and the import of Keras weights.
+//!
+//! Flow: images → trainer → weights → exporter → .onnx → runtime. This crate owns the network
+//! and its weights; the trainer and the exporter build on it, the runtime never links it.
+
+pub mod ops;
