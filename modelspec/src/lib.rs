@@ -1,0 +1,162 @@
+//! What a model is, in one serde struct: architecture, input size, class names, preprocessing.
+//!
+//! It is saved as `model.json` beside the weights by the importer and the trainer, copied into
+//! the ONNX file's metadata by the exporter, and read back by the runtime — one source of truth
+//! for every step of images → trainer → weights → exporter → .onnx → runtime. This crate has no
+//! heavy dependencies so that the runtime can use it without linking Candle.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Version of the description format written by this crate.
+pub const FORMAT_VERSION: u32 = 1;
+/// File name of the description inside a model directory.
+pub const DESCRIPTION_FILE: &str = "model.json";
+/// File name of the weights inside a model directory.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// How pixels become the network's input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Preprocessing {
+    /// Colour channels, in order.
+    pub color: String,
+    /// Resize filter used to bring an image to `input_size` x `input_size` (aspect not kept).
+    pub resize: String,
+    /// `x * scale + offset` on 0-255 pixel values.
+    pub scale: f32,
+    pub offset: f32,
+}
+
+impl Default for Preprocessing {
+    /// Xception's: RGB, bilinear resize, `x / 127.5 - 1` into [-1, 1].
+    fn default() -> Self {
+        Self { color: "RGB".into(), resize: "bilinear".into(), scale: 1.0 / 127.5, offset: -1.0 }
+    }
+}
+
+/// The classifier head's sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Head {
+    /// Width of the hidden Dense(relu) layer.
+    pub inner: usize,
+    /// Dropout rate between the Dense layers (training only).
+    pub dropout: f32,
+    /// Number of classes.
+    pub classes: usize,
+}
+
+/// A model: what it is, what it expects, what it answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelDescription {
+    /// Format version ([`FORMAT_VERSION`]).
+    pub format: u32,
+    /// A short name for the model.
+    pub name: String,
+    /// The base network (`xception`).
+    pub architecture: String,
+    /// Side of the square input image, in pixels.
+    pub input_size: usize,
+    /// Memory layout of the network's input (`NHWC`).
+    pub layout: String,
+    pub preprocessing: Preprocessing,
+    /// The classifier head, if any; `None` for a bare feature extractor.
+    pub head: Option<Head>,
+    /// Class names, in logit order (empty without a head).
+    pub classes: Vec<String>,
+    /// Where the weights came from (a file, a package, a training run).
+    pub source: String,
+    /// Evaluation figures, free-form, filled in by the trainer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<serde_json::Value>,
+}
+
+/// Why a description could not be read or is inconsistent.
+#[derive(Debug, thiserror::Error)]
+pub enum DescriptionError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a valid model description: {source}")]
+    Parse { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: field `{field}`: {reason}")]
+    Invalid { path: PathBuf, field: &'static str, reason: String },
+}
+
+impl ModelDescription {
+    /// Checks the fields that other steps rely on; `path` only names the source in errors.
+    pub fn validate(&self, path: &Path) -> Result<(), DescriptionError> {
+        let bad = |field, reason: String| Err(DescriptionError::Invalid { path: path.into(), field, reason });
+        if self.format != FORMAT_VERSION {
+            return bad("format", format!("version {} is not supported (expected {FORMAT_VERSION})", self.format));
+        }
+        if self.architecture != "xception" {
+            return bad("architecture", format!("`{}` is not supported (expected `xception`)", self.architecture));
+        }
+        if self.input_size < 71 {
+            return bad("input_size", format!("{} px is below Xception's minimum of 71", self.input_size));
+        }
+        if self.layout != "NHWC" {
+            return bad("layout", format!("`{}` is not supported (expected `NHWC`)", self.layout));
+        }
+        match &self.head {
+            Some(h) if h.classes != self.classes.len() => {
+                bad("classes", format!("{} names for a head of {} classes", self.classes.len(), h.classes))
+            }
+            Some(h) if h.inner == 0 || h.classes == 0 => bad("head", "inner and classes must be positive".into()),
+            None if !self.classes.is_empty() => bad("classes", "class names given for a model without a head".into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads and validates `model.json` from a model directory (or the file itself).
+    pub fn load(path: &Path) -> Result<Self, DescriptionError> {
+        let file = if path.is_dir() { path.join(DESCRIPTION_FILE) } else { path.to_path_buf() };
+        let text = std::fs::read_to_string(&file).map_err(|source| DescriptionError::Io { path: file.clone(), source })?;
+        let d: Self = serde_json::from_str(&text).map_err(|source| DescriptionError::Parse { path: file.clone(), source })?;
+        d.validate(&file)?;
+        Ok(d)
+    }
+
+    /// The description as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a description always serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ModelDescription {
+        ModelDescription {
+            format: FORMAT_VERSION,
+            name: "footwear".into(),
+            architecture: "xception".into(),
+            input_size: 150,
+            layout: "NHWC".into(),
+            preprocessing: Preprocessing::default(),
+            head: Some(Head { inner: 100, dropout: 0.2, classes: 3 }),
+            classes: vec!["boot".into(), "sandal".into(), "shoe".into()],
+            source: "test".into(),
+            metrics: None,
+        }
+    }
+
+    #[test]
+    fn round_trips_and_validates() {
+        let d = sample();
+        let back: ModelDescription = serde_json::from_str(&d.to_json()).unwrap();
+        assert_eq!(back, d);
+        back.validate(Path::new("x")).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut d = sample();
+        d.classes.pop();
+        let e = d.validate(Path::new("run/model.json")).unwrap_err().to_string();
+        assert!(e.contains("run/model.json") && e.contains("`classes`"), "{e}");
+        let mut d = sample();
+        d.input_size = 32;
+        assert!(d.validate(Path::new("m")).unwrap_err().to_string().contains("input_size"));
+    }
+}
