@@ -8,7 +8,7 @@
 //! NHWC; depthwise convolutions and pooling use the kernels of [`crate::ops`].
 
 use crate::layers::{self, Block, BN_EPSILON};
-use crate::ops::{depthwise::depthwise_conv2d, im2col::conv2d, maxpool::max_pool2d, Padding};
+use crate::ops::{depthwise::depthwise_conv2d_opt, im2col::im2col, linear::linear, maxpool::max_pool2d, Padding};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -73,10 +73,10 @@ impl FoldedAffine {
         }
     }
 
-    /// Applies the map to the rows of `x2d` [M, K].
-    fn forward(&self, x2d: &Tensor) -> Result<Tensor> {
+    /// Applies the map to the rows of `x2d` [M, K], then relu if asked.
+    fn forward(&self, x2d: &Tensor, relu: bool) -> Result<Tensor> {
         let (w, b) = self.weights()?;
-        x2d.matmul(&w)?.broadcast_add(&b)
+        linear(x2d, &w, &b, relu)
     }
 }
 
@@ -97,11 +97,12 @@ impl ConvBn {
         Ok(Self { affine: FoldedAffine::new(w, bn, trainable)?, k, cin, stride, padding })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (w, b) = self.affine.weights()?;
-        let cout = w.dim(1)?;
-        let y = conv2d(x, &w.reshape((self.k, self.k, self.cin, cout))?, self.stride, self.padding)?;
-        y.broadcast_add(&b)
+    fn forward(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        let p = im2col(x, self.k, self.k, self.stride, self.padding)?;
+        let (n, h, w, kc) = p.dims4()?;
+        debug_assert_eq!(kc, self.k * self.k * self.cin);
+        let y = self.affine.forward(&p.reshape((n * h * w, kc))?, relu)?;
+        y.reshape((n, h, w, y.dim(1)?))
     }
 }
 
@@ -122,10 +123,11 @@ impl SepConvBn {
         Ok(Self { depthwise, pointwise: FoldedAffine::new(pw, bn, trainable)? })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let d = depthwise_conv2d(x, &self.depthwise, Padding::Same)?;
+    /// `relu_in`: relu on the input (fused into the depthwise kernel); `relu_out` on the output.
+    fn forward(&self, x: &Tensor, relu_in: bool, relu_out: bool) -> Result<Tensor> {
+        let d = depthwise_conv2d_opt(x, &self.depthwise, Padding::Same, relu_in)?;
         let (n, h, w, c) = d.dims4()?;
-        let y = self.pointwise.forward(&d.reshape((n * h * w, c))?)?;
+        let y = self.pointwise.forward(&d.reshape((n * h * w, c))?, relu_out)?;
         y.reshape((n, h, w, y.dim(1)?))
     }
 }
@@ -164,18 +166,17 @@ impl BlockImpl {
     fn forward(&self, x: &Tensor, tap: Taps) -> Result<Tensor> {
         match self {
             BlockImpl::Stem { conv1, conv2 } => {
-                let x = conv1.forward(x)?.relu()?;
+                let x = conv1.forward(x, true)?;
                 tap("block1_conv1_act", &x);
-                let x = conv2.forward(&x)?.relu()?;
+                let x = conv2.forward(&x, true)?;
                 tap("block1_conv2_act", &x);
                 Ok(x)
             }
             BlockImpl::Down { index, relu_first, sep1, sep2, shortcut } => {
-                let residual = shortcut.forward(x)?;
-                let y = if *relu_first { x.relu()? } else { x.clone() };
-                let y = sep1.forward(&y)?;
+                let residual = shortcut.forward(x, false)?;
+                let y = sep1.forward(x, *relu_first, false)?;
                 tap(&format!("block{index}_sepconv1_bn"), &y);
-                let y = sep2.forward(&y.relu()?)?;
+                let y = sep2.forward(&y, true, false)?;
                 tap(&format!("block{index}_sepconv2_bn"), &y);
                 let y = max_pool2d(&y, 3, 2, Padding::Same)?;
                 tap(&format!("block{index}_pool"), &y);
@@ -186,7 +187,7 @@ impl BlockImpl {
             BlockImpl::Middle { index, seps } => {
                 let mut y = x.clone();
                 for (i, s) in seps.iter().enumerate() {
-                    y = s.forward(&y.relu()?)?;
+                    y = s.forward(&y, true, false)?;
                     tap(&format!("block{index}_sepconv{}_bn", i + 1), &y);
                 }
                 let y = (y + x)?;
@@ -194,9 +195,9 @@ impl BlockImpl {
                 Ok(y)
             }
             BlockImpl::Exit { sep1, sep2 } => {
-                let y = sep1.forward(x)?.relu()?;
+                let y = sep1.forward(x, false, true)?;
                 tap("block14_sepconv1_act", &y);
-                let y = sep2.forward(&y)?.relu()?;
+                let y = sep2.forward(&y, false, true)?;
                 tap("block14_sepconv2_act", &y);
                 Ok(y)
             }

@@ -9,6 +9,11 @@ use rayon::prelude::*;
 
 /// Depthwise convolution of `x` [N, H, W, C] with `kernel` [KH, KW, C], stride 1.
 pub fn depthwise_conv2d(x: &Tensor, kernel: &Tensor, padding: Padding) -> Result<Tensor> {
+    depthwise_conv2d_opt(x, kernel, padding, false)
+}
+
+/// [`depthwise_conv2d`] of `relu(x)` when `relu_input`, without materialising `relu(x)`.
+pub fn depthwise_conv2d_opt(x: &Tensor, kernel: &Tensor, padding: Padding, relu_input: bool) -> Result<Tensor> {
     let (kh, kw, kc) = kernel.dims3()?;
     let (_, h, w, c) = x.dims4()?;
     if kc != c {
@@ -16,7 +21,7 @@ pub fn depthwise_conv2d(x: &Tensor, kernel: &Tensor, padding: Padding) -> Result
     }
     let (_, pad_h) = padding.resolve(h, kh, 1)?;
     let (_, pad_w) = padding.resolve(w, kw, 1)?;
-    x.contiguous()?.apply_op2(&kernel.contiguous()?, DepthwiseConv2d { pad_h, pad_w })
+    x.contiguous()?.apply_op2(&kernel.contiguous()?, DepthwiseConv2d { pad_h, pad_w, relu_input })
 }
 
 /// The op itself, with explicit padding; see [`depthwise_conv2d`].
@@ -24,6 +29,18 @@ pub fn depthwise_conv2d(x: &Tensor, kernel: &Tensor, padding: Padding) -> Result
 pub struct DepthwiseConv2d {
     pub pad_h: AxisPad,
     pub pad_w: AxisPad,
+    /// Apply relu to the input as it is read (saves a pass over the activations).
+    pub relu_input: bool,
+}
+
+impl DepthwiseConv2d {
+    fn floor(&self) -> f32 {
+        if self.relu_input {
+            0.0
+        } else {
+            f32::NEG_INFINITY
+        }
+    }
 }
 
 /// Geometry shared by the forward and backward kernels.
@@ -73,19 +90,40 @@ impl Geom {
     }
 }
 
+/// Channels accumulated at once in registers by the forward kernel.
+const CHUNK: usize = 32;
+
 simd_fn! {
-    /// One output row of the forward pass: `out[ox] += x[iy, ix] * k[ky, kx]` over the taps.
-    fn forward_row(g: &Geom, img: &[f32], k: &[f32], oy: usize, out: &mut [f32]) {
+    /// One output row of the forward pass. For each output pixel and each chunk of channels, the
+    /// taps are summed in registers and stored once. `floor` is 0 to apply relu to the input as
+    /// it is read (Xception's relu → sepconv), or -inf for none.
+    fn forward_row(g: &Geom, img: &[f32], k: &[f32], oy: usize, floor: f32, out: &mut [f32]) {
         let c = g.c;
-        for ky in 0..g.kh {
-            let Some(iy) = g.iy(oy, ky) else { continue };
-            let xrow = &img[iy * g.w * c..(iy + 1) * g.w * c];
-            for kx in 0..g.kw {
-                let tap = &k[(ky * g.kw + kx) * c..][..c];
-                for ox in g.ox_range(kx) {
-                    let ix = ox + kx - g.pad_w.before;
-                    axpy(&mut out[ox * c..(ox + 1) * c], &xrow[ix * c..(ix + 1) * c], tap);
+        for ox in 0..g.ow {
+            let o = &mut out[ox * c..(ox + 1) * c];
+            let mut c0 = 0;
+            while c0 < c {
+                let w = (c - c0).min(CHUNK);
+                let mut acc = [0f32; CHUNK];
+                for ky in 0..g.kh {
+                    let Some(iy) = g.iy(oy, ky) else { continue };
+                    for kx in 0..g.kw {
+                        let Some(ix) = (ox + kx).checked_sub(g.pad_w.before).filter(|&ix| ix < g.w) else { continue };
+                        let xs = &img[(iy * g.w + ix) * c + c0..][..w];
+                        let ks = &k[(ky * g.kw + kx) * c + c0..][..w];
+                        if let (Ok(xs), Ok(ks)) = (<&[f32; CHUNK]>::try_from(xs), <&[f32; CHUNK]>::try_from(ks)) {
+                            for i in 0..CHUNK {
+                                acc[i] += xs[i].max(floor) * ks[i];
+                            }
+                        } else {
+                            for i in 0..w {
+                                acc[i] += xs[i].max(floor) * ks[i];
+                            }
+                        }
+                    }
                 }
+                o[c0..c0 + w].copy_from_slice(&acc[..w]);
+                c0 += CHUNK;
             }
         }
     }
@@ -93,8 +131,9 @@ simd_fn! {
 
 simd_fn! {
     /// One output row's contribution to the kernel gradient: `gk[ky, kx] += x[iy, ix] * g[ox]`.
-    fn grad_kernel_row(g: &Geom, img: &[f32], grad: &[f32], oy: usize, gk: &mut [f32]) {
+    fn grad_kernel_row(g: &Geom, img: &[f32], grad: &[f32], oy: usize, floor: f32, gk: &mut [f32]) {
         let c = g.c;
+        let mut xr = vec![0f32; c];
         for ky in 0..g.kh {
             let Some(iy) = g.iy(oy, ky) else { continue };
             let xrow = &img[iy * g.w * c..(iy + 1) * g.w * c];
@@ -102,7 +141,8 @@ simd_fn! {
                 let acc = &mut gk[(ky * g.kw + kx) * c..][..c];
                 for ox in g.ox_range(kx) {
                     let ix = ox + kx - g.pad_w.before;
-                    axpy(acc, &xrow[ix * c..(ix + 1) * c], &grad[ox * c..(ox + 1) * c]);
+                    xr.iter_mut().zip(&xrow[ix * c..(ix + 1) * c]).for_each(|(r, v)| *r = v.max(floor));
+                    axpy(acc, &xr, &grad[ox * c..(ox + 1) * c]);
                 }
             }
         }
@@ -110,12 +150,12 @@ simd_fn! {
 }
 
 /// Forward pass on plain slices: returns the [N, OH, OW, C] output.
-fn forward(g: &Geom, x: &[f32], k: &[f32]) -> Vec<f32> {
+fn forward(g: &Geom, x: &[f32], k: &[f32], floor: f32) -> Vec<f32> {
     let (img_len, row_len) = (g.h * g.w * g.c, g.ow * g.c);
     let mut out = vec![0f32; g.n * g.oh * row_len];
     out.par_chunks_mut(row_len).enumerate().for_each(|(r, o)| {
         let (b, oy) = (r / g.oh, r % g.oh);
-        forward_row(g, &x[b * img_len..(b + 1) * img_len], k, oy, o);
+        forward_row(g, &x[b * img_len..(b + 1) * img_len], k, oy, floor, o);
     });
     out
 }
@@ -128,12 +168,15 @@ impl CustomOp2 for DepthwiseConv2d {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1, l2, self.pad_h, self.pad_w, self.name())?;
         let (x, k) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
-        Ok((CpuStorage::F32(forward(&g, x, k)), Shape::from((g.n, g.oh, g.ow, g.c))))
+        Ok((CpuStorage::F32(forward(&g, x, k, self.floor())), Shape::from((g.n, g.oh, g.ow, g.c))))
     }
 
     fn bwd(&self, x: &Tensor, k: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let gx = grad.apply_op2_no_bwd(k, &DepthwiseGradInput { fwd: *self })?;
+        let mut gx = grad.apply_op2_no_bwd(k, &DepthwiseGradInput { fwd: *self })?;
+        if self.relu_input {
+            gx = gx.mul(&x.gt(0f32)?.to_dtype(gx.dtype())?)?;
+        }
         let gk = x.apply_op2_no_bwd(&grad, &DepthwiseGradKernel { fwd: *self, kernel_dims: k.dims3()? })?;
         Ok((Some(gx), Some(gk)))
     }
@@ -167,7 +210,7 @@ impl CustomOp2 for DepthwiseGradInput {
         let pad_h = AxisPad { before: kh - 1 - p.before, after: kh - 1 - p.after };
         let pad_w = AxisPad { before: kw - 1 - q.before, after: kw - 1 - q.after };
         let g = Geom::new(l1, l2, pad_h, pad_w, self.name())?;
-        Ok((CpuStorage::F32(forward(&g, grad, &flipped)), Shape::from((g.n, g.oh, g.ow, g.c))))
+        Ok((CpuStorage::F32(forward(&g, grad, &flipped, f32::NEG_INFINITY)), Shape::from((g.n, g.oh, g.ow, g.c))))
     }
 }
 
@@ -198,7 +241,7 @@ impl CustomOp2 for DepthwiseGradKernel {
                 || vec![0f32; kh * kw * c],
                 |mut acc, (r, grow)| {
                     let (b, oy) = (r / g.oh, r % g.oh);
-                    grad_kernel_row(&g, &x[b * img_len..(b + 1) * img_len], grow, oy, &mut acc);
+                    grad_kernel_row(&g, &x[b * img_len..(b + 1) * img_len], grow, oy, self.fwd.floor(), &mut acc);
                     acc
                 },
             )
@@ -260,14 +303,17 @@ mod tests {
             ((1, 6, 6, 16), (3, 3), Padding::Valid),
             ((3, 5, 4, 3), (1, 3), Padding::Same),
             ((1, 4, 5, 33), (5, 5), Padding::Same),
+            ((2, 5, 5, 70), (3, 3), Padding::Same),
         ] {
             let x = rand_tensor(&[shape.0, shape.1, shape.2, shape.3], 1, &dev)?;
             let k = rand_tensor(&[kdims.0, kdims.1, shape.3], 2, &dev)?;
-            let got = depthwise_conv2d(&x, &k, padding)?.flatten_all()?.to_vec1::<f32>()?;
-            let want = reference(&x, &k, padding);
-            assert_eq!(got.len(), want.len());
-            for (a, b) in got.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-5, "{shape:?} {kdims:?}: {a} vs {b}");
+            for relu in [false, true] {
+                let got = depthwise_conv2d_opt(&x, &k, padding, relu)?.flatten_all()?.to_vec1::<f32>()?;
+                let want = reference(&if relu { x.relu()? } else { x.clone() }, &k, padding);
+                assert_eq!(got.len(), want.len());
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-5, "{shape:?} {kdims:?} relu={relu}: {a} vs {b}");
+                }
             }
         }
         Ok(())
@@ -279,7 +325,10 @@ mod tests {
         for padding in [Padding::Same, Padding::Valid] {
             let x = rand_tensor(&[2, 5, 6, 3], 3, &dev)?;
             let k = rand_tensor(&[3, 3, 3], 4, &dev)?;
-            numeric_grad_check(&[x, k], |t| depthwise_conv2d(&t[0], &t[1], padding))?;
+            numeric_grad_check(&[x.clone(), k.clone()], |t| depthwise_conv2d(&t[0], &t[1], padding))?;
+            // Inputs kept away from relu's kink, so that no finite-difference step crosses it.
+            let away = (x.sign()? * 0.1 + &x)?;
+            numeric_grad_check(&[away, k], |t| depthwise_conv2d_opt(&t[0], &t[1], padding, true))?;
         }
         Ok(())
     }

@@ -14,14 +14,20 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, stride: usize, padding: Padding) -> R
     if c != xc {
         candle_core::bail!("conv2d: kernel expects {c} input channels, input has {xc}")
     }
-    let (oh, pad_h) = padding.resolve(h, kh, stride)?;
-    let (ow, pad_w) = padding.resolve(w, kw, stride)?;
-    let patches = if kh == 1 && kw == 1 && stride == 1 {
-        x.clone()
-    } else {
-        x.contiguous()?.apply_op1(Im2Col { kh, kw, stride, pad_h, pad_w })?
-    };
+    let patches = im2col(x, kh, kw, stride, padding)?;
+    let (_, oh, ow, _) = patches.dims4()?;
     patches.reshape((n * oh * ow, kh * kw * c))?.matmul(&kernel.reshape((kh * kw * c, co))?)?.reshape((n, oh, ow, co))
+}
+
+/// The patches of `x` [N, H, W, C] for a `kh`x`kw` kernel: [N, OH, OW, KH·KW·C].
+pub fn im2col(x: &Tensor, kh: usize, kw: usize, stride: usize, padding: Padding) -> Result<Tensor> {
+    let (_, h, w, _) = x.dims4()?;
+    let (_, pad_h) = padding.resolve(h, kh, stride)?;
+    let (_, pad_w) = padding.resolve(w, kw, stride)?;
+    if kh == 1 && kw == 1 && stride == 1 {
+        return Ok(x.clone());
+    }
+    x.contiguous()?.apply_op1(Im2Col { kh, kw, stride, pad_h, pad_w })
 }
 
 /// The patch-extraction op; see [`conv2d`].

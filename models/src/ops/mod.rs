@@ -8,6 +8,7 @@
 
 pub mod depthwise;
 pub mod im2col;
+pub mod linear;
 pub mod maxpool;
 #[cfg(test)]
 pub(crate) mod testing;

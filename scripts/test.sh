@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite: fetches and converts the ImageNet weights once (cached in weights/), then runs
+# every test of the workspace in release mode (the parity tests run the real network).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/fetch-weights.sh
+cargo test --release --workspace "$@"
