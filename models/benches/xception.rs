@@ -14,10 +14,8 @@ use models::{head::ClassifierHead, Classifier};
 use modelspec::Head;
 use std::time::{Duration, Instant};
 
-// As the toolchain's binaries do: glibc's allocator returns large buffers to the kernel and
-// takes them back zeroed, page by page, on every forward pass.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: models::alloc::Allocator = models::alloc::Allocator;
 
 /// Median seconds per call of `f` over enough runs to fill `budget` (at least 3), after a warm-up.
 fn median_secs(budget: Duration, mut f: impl FnMut()) -> f64 {
@@ -53,6 +51,7 @@ fn rand(shape: &[usize]) -> Tensor {
 fn main() {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-')).unwrap_or_default();
     let want = |name: &str| name.contains(&filter);
+    models::alloc::keep_freed_memory();
     let dev = Device::Cpu;
     let budget = Duration::from_secs(8);
     println!("threads: {}", candle_core::utils::get_num_threads());

@@ -4,6 +4,7 @@
 //! Flow: images → trainer → weights → exporter → .onnx → runtime. This crate owns the network
 //! and its weights; the trainer and the exporter build on it, the runtime never links it.
 
+pub mod alloc;
 pub mod classifier;
 pub mod error;
 pub mod head;

@@ -6,6 +6,7 @@
 use super::{axpy, contiguous_f32, nhwc, simd_fn, AxisPad, Padding};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Depthwise convolution of `x` [N, H, W, C] with `kernel` [KH, KW, C], stride 1.
 pub fn depthwise_conv2d(x: &Tensor, kernel: &Tensor, padding: Padding) -> Result<Tensor> {
@@ -97,7 +98,7 @@ simd_fn! {
     /// One output row of the forward pass. For each output pixel and each chunk of channels, the
     /// taps are summed in registers and stored once. `floor` is 0 to apply relu to the input as
     /// it is read (Xception's relu → sepconv), or -inf for none.
-    fn forward_row(g: &Geom, img: &[f32], k: &[f32], oy: usize, floor: f32, out: &mut [f32]) {
+    fn forward_row(g: &Geom, img: &[f32], k: &[f32], oy: usize, floor: f32, out: &mut [MaybeUninit<f32>]) {
         let c = g.c;
         for ox in 0..g.ow {
             let o = &mut out[ox * c..(ox + 1) * c];
@@ -122,7 +123,9 @@ simd_fn! {
                         }
                     }
                 }
-                o[c0..c0 + w].copy_from_slice(&acc[..w]);
+                o[c0..c0 + w].iter_mut().zip(&acc[..w]).for_each(|(o, a)| {
+                    o.write(*a);
+                });
                 c0 += CHUNK;
             }
         }
@@ -152,11 +155,18 @@ simd_fn! {
 /// Forward pass on plain slices: returns the [N, OH, OW, C] output.
 fn forward(g: &Geom, x: &[f32], k: &[f32], floor: f32) -> Vec<f32> {
     let (img_len, row_len) = (g.h * g.w * g.c, g.ow * g.c);
-    let mut out = vec![0f32; g.n * g.oh * row_len];
-    out.par_chunks_mut(row_len).enumerate().for_each(|(r, o)| {
-        let (b, oy) = (r / g.oh, r % g.oh);
-        forward_row(g, &x[b * img_len..(b + 1) * img_len], k, oy, floor, o);
-    });
+    let len = g.n * g.oh * row_len;
+    // Every element is written exactly once by `forward_row`, so the buffer is not zeroed first.
+    let mut out = Vec::with_capacity(len);
+    if row_len > 0 {
+        out.spare_capacity_mut()[..len].par_chunks_mut(row_len).enumerate().for_each(|(r, o)| {
+            let (b, oy) = (r / g.oh, r % g.oh);
+            forward_row(g, &x[b * img_len..(b + 1) * img_len], k, oy, floor, o);
+        });
+    }
+    // SAFETY: the loop above initialised all `len` elements (rows of `row_len`, each element of
+    // each row written once by `forward_row`).
+    unsafe { out.set_len(len) };
     out
 }
 

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 /// A dense 2-D convolution of `x` [N, H, W, C] with `kernel` [KH, KW, C, C_out] (Keras layout).
 pub fn conv2d(x: &Tensor, kernel: &Tensor, stride: usize, padding: Padding) -> Result<Tensor> {
     let (kh, kw, c, co) = kernel.dims4()?;
-    let (n, h, w, xc) = x.dims4()?;
+    let (n, _, _, xc) = x.dims4()?;
     if c != xc {
         candle_core::bail!("conv2d: kernel expects {c} input channels, input has {xc}")
     }

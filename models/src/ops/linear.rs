@@ -30,10 +30,18 @@ impl CustomOp3 for Linear {
             (&[m, k], &[k2, n], &[n2]) if k == k2 && n == n2 => (m, k, n),
             (a, b, c) => candle_core::bail!("{op}: shapes {a:?} x {b:?} + {c:?} do not fit [M, K] x [K, N] + [N]"),
         };
-        let mut out = vec![0f32; m * n];
+        // The bias, row after row (in parallel: this first touch of the buffer maps its pages);
+        // the product then accumulates onto it.
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
         if n > 0 {
-            out.par_chunks_mut(n * 64).for_each(|rows| rows.chunks_mut(n).for_each(|r| r.copy_from_slice(b)));
+            out.spare_capacity_mut()[..m * n].par_chunks_mut(n * 16).for_each(|rows| {
+                rows.chunks_mut(n).for_each(|r| r.iter_mut().zip(b).for_each(|(o, b)| {
+                    o.write(*b);
+                }))
+            });
         }
+        // SAFETY: every one of the m rows of n elements was written just above.
+        unsafe { out.set_len(m * n) };
         let threads = candle_core::utils::get_num_threads();
         let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
         if m > 0 && n > 0 && k > 0 {
