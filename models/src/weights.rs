@@ -72,19 +72,29 @@ impl ModelDir {
     }
 }
 
+/// Writes `model.safetensors` and `model.json` into an existing directory, each atomically
+/// (temporary file, then rename), weights first: a reader never sees half a file.
+pub fn write_model_files(dir: &Path, desc: &ModelDescription, tensors: &[(String, Tensor)]) -> Result<()> {
+    desc.validate(&dir.join(DESCRIPTION_FILE))?;
+    std::fs::create_dir_all(dir).map_err(ModelError::io(dir))?;
+    let st_tmp = dir.join(format!(".{WEIGHTS_FILE}.tmp"));
+    candle_core::safetensors::save(&tensors.iter().cloned().collect::<HashMap<_, _>>(), &st_tmp)?;
+    std::fs::rename(&st_tmp, dir.join(WEIGHTS_FILE)).map_err(ModelError::io(dir.join(WEIGHTS_FILE)))?;
+    let json_tmp = dir.join(format!(".{DESCRIPTION_FILE}.tmp"));
+    std::fs::write(&json_tmp, desc.to_json()).map_err(ModelError::io(&json_tmp))?;
+    std::fs::rename(&json_tmp, dir.join(DESCRIPTION_FILE)).map_err(ModelError::io(dir.join(DESCRIPTION_FILE)))?;
+    Ok(())
+}
+
 /// Writes a model directory atomically: both files go to a temporary directory beside `dir`,
 /// which then replaces `dir`, so that a crash never leaves half a model behind.
 pub fn write_model_dir(dir: &Path, desc: &ModelDescription, tensors: &[(String, Tensor)]) -> Result<()> {
-    desc.validate(&dir.join(DESCRIPTION_FILE))?;
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(ModelError::io(parent))?;
     let name = dir.file_name().ok_or_else(|| ModelError::format(dir, "not a directory name"))?;
     let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(ModelError::io(&tmp))?;
-    let st_path = tmp.join(WEIGHTS_FILE);
-    candle_core::safetensors::save(&tensors.iter().cloned().collect::<HashMap<_, _>>(), &st_path)?;
-    std::fs::write(tmp.join(DESCRIPTION_FILE), desc.to_json()).map_err(ModelError::io(&tmp))?;
+    write_model_files(&tmp, desc, tensors)?;
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(ModelError::io(dir))?;
     }

@@ -5,6 +5,8 @@
 //! for every step of images → trainer → weights → exporter → .onnx → runtime. This crate has no
 //! heavy dependencies so that the runtime can use it without linking Candle.
 
+pub mod preprocess;
+
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 

@@ -244,24 +244,26 @@ impl CustomOp2 for DepthwiseGradKernel {
             candle_core::bail!("{}: gradient shape {:?} does not match the output", self.name(), l2.dims())
         }
         let (img_len, row_len) = (g.h * g.w * g.c, g.ow * g.c);
-        let gk = grad
-            .par_chunks(row_len)
+        // Partial sums over fixed groups of rows, added up in order: the result does not depend
+        // on how rayon schedules the work, so training runs are reproducible.
+        const ROWS: usize = 8;
+        let partials: Vec<Vec<f32>> = grad
+            .par_chunks((row_len * ROWS).max(1))
             .enumerate()
-            .fold(
-                || vec![0f32; kh * kw * c],
-                |mut acc, (r, grow)| {
+            .map(|(chunk, rows)| {
+                let mut acc = vec![0f32; kh * kw * c];
+                for (i, grow) in rows.chunks(row_len.max(1)).enumerate() {
+                    let r = chunk * ROWS + i;
                     let (b, oy) = (r / g.oh, r % g.oh);
                     grad_kernel_row(&g, &x[b * img_len..(b + 1) * img_len], grow, oy, self.fwd.floor(), &mut acc);
-                    acc
-                },
-            )
-            .reduce(
-                || vec![0f32; kh * kw * c],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
+                }
+                acc
+            })
+            .collect();
+        let mut gk = vec![0f32; kh * kw * c];
+        for p in &partials {
+            gk.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        }
         Ok((CpuStorage::F32(gk), Shape::from((kh, kw, c))))
     }
 }

@@ -1,0 +1,115 @@
+//! Preprocessing, written once for the trainer and the runtime: decode → RGB → resize to the
+//! model's square input (bilinear, aspect ratio not kept, as Keras'
+//! `image_dataset_from_directory` does) → `x * scale + offset`, channels last (HWC).
+
+use crate::Preprocessing;
+use image::imageops::FilterType;
+use std::io::Cursor;
+
+/// Largest image accepted, in pixels (checked from the header, before decoding).
+pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+
+/// Why an image could not be turned into network input.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("empty file")]
+    Empty,
+    #[error("not a supported image (JPEG, PNG, WebP): {0}")]
+    Format(String),
+    #[error("{width}x{height} pixels is more than the {max} allowed")]
+    TooLarge { width: u32, height: u32, max: u64 },
+    #[error("cannot decode image: {0}")]
+    Decode(String),
+}
+
+/// Decodes an encoded image (JPEG, PNG, WebP) to RGB, refusing images of more than
+/// `max_pixels` pixels before decoding them.
+pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<image::RgbImage, ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    let reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ImageError::Format(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(ImageError::Format("unknown format".into()));
+    }
+    let (width, height) = reader.into_dimensions().map_err(|e| ImageError::Decode(e.to_string()))?;
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(ImageError::TooLarge { width, height, max: max_pixels });
+    }
+    let mut reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ImageError::Format(e.to_string()))?;
+    reader.no_limits();
+    let img = reader.decode().map_err(|e| ImageError::Decode(e.to_string()))?;
+    Ok(img.to_rgb8())
+}
+
+/// Resizes to `size` x `size` with the filter the description names.
+pub fn resize(img: &image::RgbImage, size: u32, p: &Preprocessing) -> image::RgbImage {
+    let filter = match p.resize.as_str() {
+        "nearest" => FilterType::Nearest,
+        _ => FilterType::Triangle,
+    };
+    if img.width() == size && img.height() == size {
+        return img.clone();
+    }
+    image::imageops::resize(img, size, size, filter)
+}
+
+/// Scales 8-bit RGB pixels to the network's input, HWC.
+pub fn to_input(img: &image::RgbImage, p: &Preprocessing) -> Vec<f32> {
+    img.as_raw().iter().map(|&v| v as f32 * p.scale + p.offset).collect()
+}
+
+/// The whole chain: encoded bytes → [size, size, 3] floats, HWC.
+pub fn preprocess(bytes: &[u8], size: u32, p: &Preprocessing, max_pixels: u64) -> Result<Vec<f32>, ImageError> {
+    let img = decode_rgb(bytes, max_pixels)?;
+    Ok(to_input(&resize(&img, size, p), p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn shared() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared")
+    }
+
+    /// Our bilinear resize against PIL's (the resize Keras uses), on the four footwear images
+    /// of `../shared/fixtures/preprocess` (computed with PIL): within a couple of grey levels
+    /// on average.
+    #[test]
+    fn resize_is_close_to_pil_bilinear() {
+        let files = std::fs::read_to_string(shared().join("fixtures/xception/footwear_files.txt")).unwrap();
+        for size in [150u32, 299] {
+            let pil = candle_core::Tensor::read_npy(shared().join(format!("fixtures/preprocess/pil_bilinear_{size}.npy"))).unwrap();
+            let pil = pil.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let per = (size * size * 3) as usize;
+            for (i, f) in files.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+                let path = shared().join("data/footwear").join(f.trim().trim_start_matches("footwear/"));
+                let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let img = resize(&decode_rgb(&bytes, DEFAULT_MAX_PIXELS).unwrap(), size, &Preprocessing::default());
+                let ours: Vec<f32> = img.as_raw().iter().map(|&v| v as f32).collect();
+                let mean = ours.iter().zip(&pil[i * per..(i + 1) * per]).map(|(a, b)| (a - b).abs()).sum::<f32>() / per as f32;
+                println!("{f} at {size}: mean |diff| {mean:.2} grey levels");
+                assert!(mean < 2.0, "{f} at {size}: mean |diff| {mean}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_bytes_are_clear_errors() {
+        assert!(matches!(decode_rgb(b"", 100), Err(ImageError::Empty)));
+        assert!(matches!(decode_rgb(b"hello world", 100), Err(ImageError::Format(_))));
+        // A PNG header claiming 50,000 x 50,000 pixels is refused before decoding.
+        let mut png = Vec::new();
+        png.extend_from_slice(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR");
+        png.extend_from_slice(&50_000u32.to_be_bytes());
+        png.extend_from_slice(&50_000u32.to_be_bytes());
+        png.extend_from_slice(&[8, 2, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(matches!(decode_rgb(&png, DEFAULT_MAX_PIXELS), Err(ImageError::TooLarge { .. })), "{:?}", decode_rgb(&png, DEFAULT_MAX_PIXELS).err());
+    }
+}

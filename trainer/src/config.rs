@@ -1,0 +1,166 @@
+//! The training configuration: one serde struct with defaults, readable from a TOML file and
+//! overridden by command-line flags. The defaults are the recipe that reaches the footwear
+//! targets (docs/training.md).
+
+use crate::augment::AugmentConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Optimiser of a phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Adamw,
+    Sgd,
+}
+
+/// Learning-rate schedule of a phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    /// Constant rate.
+    Constant,
+    /// Linear warm-up, then cosine decay to zero at the last epoch.
+    Cosine,
+    /// Divide the rate by 10 after `patience` epochs without improvement of validation loss.
+    ReduceOnPlateau,
+}
+
+/// One training phase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PhaseConfig {
+    /// Maximum number of epochs (0 skips the phase).
+    pub epochs: usize,
+    pub lr: f64,
+    pub optimizer: OptimizerKind,
+    pub schedule: Schedule,
+    /// Warm-up epochs of the cosine schedule.
+    pub warmup_epochs: usize,
+    /// Early stopping: epochs without a better validation accuracy before stopping (0: never).
+    pub patience: usize,
+    /// Decoupled weight decay (AdamW) or L2 (SGD) on every trainable weight.
+    pub weight_decay: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+}
+
+impl Default for PhaseConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 20,
+            lr: 1e-3,
+            optimizer: OptimizerKind::Adamw,
+            schedule: Schedule::Cosine,
+            warmup_epochs: 1,
+            patience: 5,
+            weight_decay: 0.0,
+            momentum: 0.9,
+        }
+    }
+}
+
+/// Everything a training run needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    /// Image folder with `train/`, `validation/`, `test/`, one sub-folder per class.
+    pub data: PathBuf,
+    /// Model directory of the ImageNet Xception base (scripts/fetch-weights.sh).
+    pub base: PathBuf,
+    /// Where the run directory goes.
+    pub out: PathBuf,
+    /// Side of the square input, pixels (>= 71).
+    pub image_size: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+    /// Width of the head's hidden layer.
+    pub inner: usize,
+    pub dropout: f32,
+    /// L2 penalty on the head's kernels (added to the loss, as Keras' kernel_regularizer).
+    pub l2: f64,
+    /// First block trained in phase 2 (13 = exit flow; 15 = no fine-tuning).
+    pub fine_tune_from: usize,
+    /// Variants of each training image in the feature cache: the original plus augmented ones.
+    pub variants: usize,
+    pub augment: AugmentConfig,
+    /// Phase 1: base frozen, the head learns.
+    pub head: PhaseConfig,
+    /// Phase 2: blocks from `fine_tune_from` up, and the head, at a lower rate.
+    pub fine_tune: PhaseConfig,
+    /// Fail on an unreadable image instead of skipping it with a warning.
+    pub strict: bool,
+    /// Name written into the model description.
+    pub name: String,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            data: "../shared/data/footwear".into(),
+            base: "weights/xception-imagenet".into(),
+            out: "runs/footwear".into(),
+            image_size: 150,
+            batch_size: 32,
+            seed: 42,
+            inner: 100,
+            dropout: 0.2,
+            l2: 1e-4,
+            fine_tune_from: 13,
+            variants: 3,
+            augment: AugmentConfig::default(),
+            head: PhaseConfig { epochs: 30, lr: 1e-3, patience: 6, ..PhaseConfig::default() },
+            fine_tune: PhaseConfig { epochs: 8, lr: 1e-4, patience: 3, weight_decay: 1e-4, ..PhaseConfig::default() },
+            strict: false,
+            name: "footwear".into(),
+        }
+    }
+}
+
+/// Why a configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Toml { path: PathBuf, source: toml::de::Error },
+    #[error("config field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl TrainConfig {
+    /// Reads a TOML file; fields it leaves out keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Toml { path: path.into(), source })
+    }
+
+    /// Checks values that would otherwise fail deep inside training.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, reason: String| Err(ConfigError::Invalid { field, reason });
+        if self.image_size < models::layers::MIN_INPUT_SIZE {
+            return bad("image_size", format!("{} px is below Xception's minimum of 71", self.image_size));
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be positive".into());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad("dropout", format!("{} is not in [0, 1)", self.dropout));
+        }
+        if !(2..=15).contains(&self.fine_tune_from) {
+            return bad("fine_tune_from", format!("block {} is not in 2..=15", self.fine_tune_from));
+        }
+        if self.variants == 0 {
+            return bad("variants", "at least 1 (the original image)".into());
+        }
+        if self.inner == 0 {
+            return bad("inner", "must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML, as saved in the run directory.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a config always serialises")
+    }
+}

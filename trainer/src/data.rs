@@ -1,0 +1,218 @@
+//! The image folder: `train/`, `validation/`, `test/`, one sub-folder per class (class names
+//! from the folders, sorted). Images are decoded and resized in parallel with the preprocessing
+//! the runtime uses (`modelspec::preprocess`) and kept as 8-bit RGB at the input size.
+
+use indicatif::{ParallelProgressIterator, ProgressBar, ProgressStyle};
+use modelspec::preprocess::{decode_rgb, resize, DEFAULT_MAX_PIXELS};
+use modelspec::Preprocessing;
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+
+/// The three splits, in the order the trainer uses them.
+pub const SPLITS: [&str; 3] = ["train", "validation", "test"];
+const EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
+
+/// Why the folder cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: split folder is missing (expected train/, validation/ and test/)")]
+    MissingSplit { path: PathBuf },
+    #[error("{path}: no class folders inside")]
+    NoClasses { path: PathBuf },
+    #[error("{path}: class `{class}` has no images (JPEG, PNG or WebP)")]
+    EmptyClass { path: PathBuf, class: String },
+    #[error("{root}: split `{split}` has classes {found:?}, but train/ has {expected:?}")]
+    ClassMismatch { root: PathBuf, split: String, found: Vec<String>, expected: Vec<String> },
+    #[error("{path}: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+}
+
+/// One labelled image file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    pub path: PathBuf,
+    pub label: usize,
+}
+
+/// The folder's files, split by split.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub classes: Vec<String>,
+    /// `train`, `validation`, `test`, in that order.
+    pub splits: [Vec<Sample>; 3],
+}
+
+fn sorted_entries(dir: &Path, want_dirs: bool) -> Result<Vec<PathBuf>, DataError> {
+    let rd = std::fs::read_dir(dir).map_err(|source| DataError::Io { path: dir.into(), source })?;
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| if want_dirs { p.is_dir() } else { p.is_file() })
+        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn is_image(p: &Path) -> bool {
+    p.extension().is_some_and(|e| EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str()))
+}
+
+/// Lists the folder, checking that every split has the same non-empty classes.
+pub fn scan(root: &Path) -> Result<Dataset, DataError> {
+    let mut classes: Option<Vec<String>> = None;
+    let mut splits: [Vec<Sample>; 3] = Default::default();
+    for (i, split) in SPLITS.iter().enumerate() {
+        let dir = root.join(split);
+        if !dir.is_dir() {
+            return Err(DataError::MissingSplit { path: dir });
+        }
+        let class_dirs = sorted_entries(&dir, true)?;
+        if class_dirs.is_empty() {
+            return Err(DataError::NoClasses { path: dir });
+        }
+        let names: Vec<String> = class_dirs.iter().map(|d| d.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+        match &classes {
+            None => classes = Some(names.clone()),
+            Some(expected) if *expected != names => {
+                return Err(DataError::ClassMismatch { root: root.into(), split: split.to_string(), found: names, expected: expected.clone() })
+            }
+            Some(_) => {}
+        }
+        for (label, (cdir, name)) in class_dirs.iter().zip(&names).enumerate() {
+            let files: Vec<PathBuf> = sorted_entries(cdir, false)?.into_iter().filter(|p| is_image(p)).collect();
+            if files.is_empty() {
+                return Err(DataError::EmptyClass { path: cdir.clone(), class: name.clone() });
+            }
+            splits[i].extend(files.into_iter().map(|path| Sample { path, label }));
+        }
+    }
+    Ok(Dataset { classes: classes.unwrap_or_default(), splits })
+}
+
+/// Decoded images of one split: 8-bit RGB, `size` x `size`, HWC, one after another.
+#[derive(Debug, Clone)]
+pub struct Images {
+    pub size: usize,
+    pub pixels: Vec<u8>,
+    pub labels: Vec<u32>,
+    pub paths: Vec<PathBuf>,
+}
+
+impl Images {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Image `i`'s pixels.
+    pub fn image(&self, i: usize) -> &[u8] {
+        let n = self.size * self.size * 3;
+        &self.pixels[i * n..(i + 1) * n]
+    }
+}
+
+/// A progress bar in the house style: count, rate, ETA.
+pub fn progress(len: usize, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>18} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Decodes and resizes the samples in parallel. Unreadable files are returned as `skipped`
+/// (path and reason) or, when `strict`, fail the whole load.
+pub fn load(samples: &[Sample], size: usize, prep: &Preprocessing, strict: bool, what: &str) -> Result<(Images, Vec<(PathBuf, String)>), DataError> {
+    let pb = progress(samples.len(), what);
+    let decoded: Vec<Result<Vec<u8>, (PathBuf, String)>> = samples
+        .par_iter()
+        .progress_with(pb.clone())
+        .map(|s| {
+            let bytes = std::fs::read(&s.path).map_err(|e| (s.path.clone(), e.to_string()))?;
+            let img = decode_rgb(&bytes, DEFAULT_MAX_PIXELS).map_err(|e| (s.path.clone(), e.to_string()))?;
+            Ok(resize(&img, size as u32, prep).into_raw())
+        })
+        .collect();
+    pb.finish_and_clear();
+    let mut images = Images { size, pixels: Vec::with_capacity(samples.len() * size * size * 3), labels: Vec::new(), paths: Vec::new() };
+    let mut skipped = Vec::new();
+    for (s, d) in samples.iter().zip(decoded) {
+        match d {
+            Ok(px) => {
+                images.pixels.extend_from_slice(&px);
+                images.labels.push(s.label as u32);
+                images.paths.push(s.path.clone());
+            }
+            Err((path, reason)) if strict => return Err(DataError::Unreadable { path, reason }),
+            Err(e) => skipped.push(e),
+        }
+    }
+    Ok((images, skipped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(name: &str, layout: &[(&str, &str, &[u8])]) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("trainer-data-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (dir, file, bytes) in layout {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+            if !file.is_empty() {
+                std::fs::write(root.join(dir).join(file), bytes).unwrap();
+            }
+        }
+        root
+    }
+
+    fn png() -> Vec<u8> {
+        let mut v = Vec::new();
+        image::RgbImage::from_pixel(4, 3, image::Rgb([200, 10, 10])).write_to(&mut std::io::Cursor::new(&mut v), image::ImageFormat::Png).unwrap();
+        v
+    }
+
+    #[test]
+    fn scans_and_loads_skipping_corrupt_files() {
+        let p = png();
+        let mut layout: Vec<(&str, &str, &[u8])> = Vec::new();
+        let dirs = ["train/a", "train/b", "validation/a", "validation/b", "test/a", "test/b"];
+        for d in dirs {
+            layout.push((d, "x.png", &p));
+        }
+        layout.push(("train/a", "broken.jpg", b"not a jpeg"));
+        let root = tree("ok", &layout);
+        let ds = scan(&root).unwrap();
+        assert_eq!(ds.classes, ["a", "b"]);
+        assert_eq!(ds.splits[0].len(), 3);
+        let (imgs, skipped) = load(&ds.splits[0], 8, &Preprocessing::default(), false, "t").unwrap();
+        assert_eq!((imgs.len(), skipped.len()), (2, 1));
+        assert!(skipped[0].0.ends_with("broken.jpg"));
+        let e = load(&ds.splits[0], 8, &Preprocessing::default(), true, "t").unwrap_err().to_string();
+        assert!(e.contains("broken.jpg"), "{e}");
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn structural_problems_are_named() {
+        let p = png();
+        let root = tree("missing", &[("train/a", "x.png", &p), ("validation/a", "x.png", &p)]);
+        assert!(scan(&root).unwrap_err().to_string().contains("test"));
+        let root2 = tree("mismatch", &[("train/a", "x.png", &p), ("validation/b", "x.png", &p), ("test/a", "x.png", &p)]);
+        assert!(matches!(scan(&root2).unwrap_err(), DataError::ClassMismatch { .. }));
+        let root3 = tree("empty", &[("train/a", "", &[]), ("validation/a", "x.png", &p), ("test/a", "x.png", &p)]);
+        let e = scan(&root3).unwrap_err().to_string();
+        assert!(e.contains("class `a` has no images"), "{e}");
+        for r in [root, root2, root3] {
+            std::fs::remove_dir_all(r).unwrap();
+        }
+    }
+}

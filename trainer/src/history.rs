@@ -1,0 +1,27 @@
+//! Per-epoch figures of a run, saved as CSV and JSON and drawn by `plots`.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// One finished epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Epoch {
+    pub phase: usize,
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_acc: f64,
+    pub val_loss: f64,
+    pub val_acc: f64,
+    pub seconds: f64,
+}
+
+/// Writes the history as CSV.
+pub fn write_csv(history: &[Epoch], path: &Path) -> anyhow::Result<()> {
+    let mut w = csv::Writer::from_path(path)?;
+    for e in history {
+        w.serialize(e)?;
+    }
+    w.flush()?;
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! `trainer`: fine-tunes Xception on an image folder.
+//!
+//!   trainer train [--config run.toml] [--data DIR] [--out DIR] [flags]
+//!
+//! Flags override the config file, which overrides the defaults (see `trainer::config`).
+
+use anyhow::Context;
+use candle_core::Device;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use trainer::config::{OptimizerKind, Schedule, TrainConfig};
+
+#[global_allocator]
+static GLOBAL: models::alloc::Allocator = models::alloc::Allocator;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Fine-tune an ImageNet Xception on a folder of photos")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Train, evaluate on the test split, and write the run directory.
+    Train(TrainArgs),
+    /// Print the default configuration as TOML.
+    DefaultConfig,
+}
+
+#[derive(clap::Args, Debug)]
+struct TrainArgs {
+    /// TOML configuration file (fields left out keep their defaults).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Image folder with train/, validation/, test/.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Model directory of the ImageNet base.
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// Run directory to write.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Square input size in pixels (>= 71).
+    #[arg(long)]
+    image_size: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Width of the head's hidden layer.
+    #[arg(long)]
+    inner: Option<usize>,
+    #[arg(long)]
+    dropout: Option<f32>,
+    /// First block fine-tuned in phase 2 (13: exit flow; 15: none).
+    #[arg(long)]
+    fine_tune_from: Option<usize>,
+    /// Cached variants of each training image (original + augmented).
+    #[arg(long)]
+    variants: Option<usize>,
+    /// Turn augmentation off.
+    #[arg(long)]
+    no_augment: bool,
+    /// Maximum epochs of phase 1 (head).
+    #[arg(long)]
+    head_epochs: Option<usize>,
+    /// Learning rate of phase 1.
+    #[arg(long)]
+    head_lr: Option<f64>,
+    /// Maximum epochs of phase 2 (fine-tuning; 0 skips it).
+    #[arg(long)]
+    fine_tune_epochs: Option<usize>,
+    /// Learning rate of phase 2.
+    #[arg(long)]
+    fine_tune_lr: Option<f64>,
+    /// Optimiser of both phases.
+    #[arg(long, value_enum)]
+    optimizer: Option<OptimizerKind>,
+    /// Learning-rate schedule of both phases.
+    #[arg(long, value_enum)]
+    schedule: Option<Schedule>,
+    /// Early-stopping patience of both phases (epochs; 0: never stop early).
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Fail on an unreadable image instead of skipping it.
+    #[arg(long)]
+    strict: bool,
+    /// Continue a killed run from its checkpoint in the run directory.
+    #[arg(long)]
+    resume: bool,
+    /// `cpu`, or `cuda` (needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
+    let mut c = match &a.config {
+        Some(p) => TrainConfig::from_file(p)?,
+        None => TrainConfig::default(),
+    };
+    macro_rules! set {
+        ($($field:ident).+ = $v:expr) => {
+            if let Some(v) = $v.clone() {
+                c.$($field).+ = v;
+            }
+        };
+    }
+    set!(data = a.data);
+    set!(base = a.base);
+    set!(out = a.out);
+    set!(image_size = a.image_size);
+    set!(batch_size = a.batch_size);
+    set!(seed = a.seed);
+    set!(inner = a.inner);
+    set!(dropout = a.dropout);
+    set!(fine_tune_from = a.fine_tune_from);
+    set!(variants = a.variants);
+    set!(head.epochs = a.head_epochs);
+    set!(head.lr = a.head_lr);
+    set!(fine_tune.epochs = a.fine_tune_epochs);
+    set!(fine_tune.lr = a.fine_tune_lr);
+    for p in [&mut c.head, &mut c.fine_tune] {
+        if let Some(o) = a.optimizer {
+            p.optimizer = o;
+        }
+        if let Some(s) = a.schedule {
+            p.schedule = s;
+        }
+        if let Some(n) = a.patience {
+            p.patience = n;
+        }
+    }
+    if a.no_augment {
+        c.augment.enabled = false;
+    }
+    c.strict |= a.strict;
+    c.validate()?;
+    Ok(c)
+}
+
+fn device(name: &str) -> anyhow::Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).context("--device cuda: no usable CUDA GPU (or this build lacks the `cuda` feature)"),
+        other => anyhow::bail!("--device {other}: expected `cpu` or `cuda`"),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    models::alloc::keep_freed_memory();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_target(false)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::DefaultConfig => print!("{}", TrainConfig::default().to_toml()),
+        Cmd::Train(a) => {
+            let cfg = config(&a)?;
+            let dev = device(&a.device)?;
+            let o = trainer::train::run(&cfg, a.resume, &dev)?;
+            println!("\nvalidation:\n{}", o.validation.table());
+            println!("test:\n{}", o.test.table());
+            println!("run directory: {} ({:.0} s)", o.run_dir.display(), o.seconds);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,396 @@
+//! A training run, end to end: data → feature caches → phase 1 (head on the frozen base's
+//! pooled features) → phase 2 (the top blocks and the head, on the cached output of the last
+//! frozen block) → metrics on validation and test → the run directory.
+//!
+//! Every random draw comes from generators seeded by (seed, phase, epoch) or (seed, image,
+//! variant), and every kernel sums in a fixed order, so the same seed gives the same metrics and
+//! a resumed run ends where an uninterrupted one would have.
+
+use crate::checkpoint::{self, TrainState};
+use crate::config::{PhaseConfig, Schedule, TrainConfig};
+use crate::data::{self, Images, SPLITS};
+use crate::features::{self, CacheSpec, FeatureCache};
+use crate::history::{self, Epoch};
+use crate::metrics::{self, Report};
+use crate::optim::Optimizer;
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{VarBuilder, VarMap};
+use models::head::{ClassifierHead, DENSE, LOGITS};
+use models::layers::{FEATURES, NUM_BLOCKS};
+use models::weights::{expected_tensors, write_model_files, ModelDir};
+use models::xception::{global_avg_pool, Xception, XceptionOptions};
+use modelspec::{Head, ModelDescription, Preprocessing, FORMAT_VERSION};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub run_dir: PathBuf,
+    pub validation: Report,
+    pub test: Report,
+    pub seconds: f64,
+}
+
+/// The block a tensor name belongs to (`block13_sepconv1.depthwise` → 13).
+fn block_of(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("block")?;
+    rest[..rest.find('_')?].parse().ok()
+}
+
+/// Glorot-uniform kernel (Keras' default) and zero bias for a Dense layer, from a seeded RNG.
+fn dense_init(rng: &mut ChaCha8Rng, cin: usize, cout: usize, dev: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    let limit = (6.0 / (cin + cout) as f64).sqrt() as f32;
+    let w: Vec<f32> = (0..cin * cout).map(|_| rng.random_range(-limit..limit)).collect();
+    Ok((Tensor::from_vec(w, (cout, cin), dev)?, Tensor::zeros(cout, DType::F32, dev)?))
+}
+
+/// The rate of epoch `epoch` of a phase.
+fn learning_rate(pc: &PhaseConfig, epoch: usize, factor: f64) -> f64 {
+    match pc.schedule {
+        Schedule::Constant => pc.lr,
+        Schedule::ReduceOnPlateau => pc.lr * factor,
+        Schedule::Cosine => {
+            let w = pc.warmup_epochs.min(pc.epochs.saturating_sub(1));
+            if epoch < w {
+                pc.lr * (epoch + 1) as f64 / (w + 1) as f64
+            } else {
+                let span = (pc.epochs - w).max(1) as f64;
+                pc.lr * 0.5 * (1.0 + (std::f64::consts::PI * (epoch - w) as f64 / span).cos())
+            }
+        }
+    }
+}
+
+/// The network being trained: the base (blocks from `from` trainable), the head, their variables.
+struct Trainable {
+    base: Xception,
+    head: ClassifierHead,
+    from: usize,
+    vars: HashMap<String, Var>,
+}
+
+impl Trainable {
+    /// Logits of cached items: from pooled features (phase 1) or from cached maps (phase 2).
+    fn logits(&self, phase: usize, cache: &FeatureCache, items: &[usize], mask: Option<&Tensor>, dev: &Device) -> candle_core::Result<Tensor> {
+        let f = if phase == 1 {
+            cache.pooled_batch(items, dev)?
+        } else {
+            let m = cache.maps_batch(items, dev)?;
+            global_avg_pool(&self.base.forward_blocks(&m, self.from, NUM_BLOCKS, &mut |_, _| {})?)?
+        };
+        self.head.forward_masked(&f, mask)
+    }
+
+    /// Mean loss, accuracy and predictions over every item of a cache (variant 0 only).
+    fn evaluate(&self, phase: usize, cache: &FeatureCache, dev: &Device) -> candle_core::Result<(f64, f64, Vec<u32>)> {
+        let items: Vec<usize> = (0..cache.n).collect();
+        let (mut loss, mut preds) = (0f64, Vec::with_capacity(items.len()));
+        for b in items.chunks(64) {
+            let logits = self.logits(phase, cache, b, None, dev)?.detach();
+            let labels = cache.labels_batch(b, dev)?;
+            loss += candle_nn::loss::cross_entropy(&logits, &labels)?.to_scalar::<f32>()? as f64 * b.len() as f64;
+            preds.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
+        }
+        let correct = preds.iter().zip(&cache.labels).filter(|(p, t)| p == t).count();
+        Ok((loss / items.len() as f64, correct as f64 / items.len() as f64, preds))
+    }
+
+    fn l2(&self) -> candle_core::Result<Tensor> {
+        let w1 = self.vars[&format!("{DENSE}.weight")].as_tensor().sqr()?.sum_all()?;
+        let w2 = self.vars[&format!("{LOGITS}.weight")].as_tensor().sqr()?.sum_all()?;
+        w1 + w2
+    }
+}
+
+fn fresh_state(phase: usize, history: Vec<Epoch>) -> TrainState {
+    TrainState {
+        phase,
+        next_epoch: 0,
+        history,
+        best_acc: -1.0,
+        best_loss: f64::INFINITY,
+        since_best: 0,
+        lr_factor: 1.0,
+        plateau_wait: 0,
+        plateau_best: f64::INFINITY,
+        opt_step: 0,
+        phase_done: false,
+    }
+}
+
+fn snapshot(vars: &[(String, Var)]) -> candle_core::Result<Vec<(String, Tensor)>> {
+    vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect()
+}
+
+/// Runs one phase from `state` (fresh or resumed), leaving its best variables in place.
+#[allow(clippy::too_many_arguments)]
+fn train_phase(
+    cfg: &TrainConfig,
+    pc: &PhaseConfig,
+    t: &Trainable,
+    vars: Vec<(String, Var)>,
+    state: &mut TrainState,
+    resumed: Option<&HashMap<String, Tensor>>,
+    caches: &[FeatureCache; 3],
+    ckpt: &std::path::Path,
+    dev: &Device,
+) -> anyhow::Result<()> {
+    let phase = state.phase;
+    let mut opt = Optimizer::new(pc.optimizer, vars.clone(), pc.weight_decay, pc.momentum)?;
+    let mut best = snapshot(&vars)?;
+    if let Some(saved) = resumed {
+        for (name, var) in &vars {
+            let cur = saved.get(&format!("var.{name}")).with_context(|| format!("checkpoint lacks `{name}`"))?;
+            var.set(cur)?;
+        }
+        best = vars
+            .iter()
+            .map(|(n, _)| saved.get(&format!("best.{n}")).cloned().map(|t| (n.clone(), t)).with_context(|| format!("checkpoint lacks best `{n}`")))
+            .collect::<anyhow::Result<_>>()?;
+        opt.load_state(state.opt_step, |k| saved.get(k).cloned())?;
+    }
+    let train = &caches[0];
+    let dropout = cfg.dropout as f64;
+    for epoch in state.next_epoch..pc.epochs {
+        if state.phase_done {
+            break;
+        }
+        let start = Instant::now();
+        let lr = learning_rate(pc, epoch, state.lr_factor);
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ ((phase as u64) << 40) ^ (epoch as u64) << 20);
+        let v = epoch % train.variants;
+        let mut items: Vec<usize> = (0..train.n).map(|i| v * train.n + i).collect();
+        items.shuffle(&mut rng);
+        let pb = data::progress(items.len(), &format!("phase {phase} epoch {}", epoch + 1));
+        let (mut loss_sum, mut correct) = (0f64, 0usize);
+        for batch in items.chunks(cfg.batch_size) {
+            let mask = if dropout > 0.0 {
+                let keep = 1.0 - dropout;
+                let m: Vec<f32> = (0..batch.len() * cfg.inner).map(|_| if rng.random_bool(keep) { (1.0 / keep) as f32 } else { 0.0 }).collect();
+                Some(Tensor::from_vec(m, (batch.len(), cfg.inner), dev)?)
+            } else {
+                None
+            };
+            let logits = t.logits(phase, train, batch, mask.as_ref(), dev)?;
+            let labels = train.labels_batch(batch, dev)?;
+            let ce = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            let loss = (&ce + (t.l2()? * cfg.l2)?)?;
+            let grads = loss.backward()?;
+            opt.step(&grads, lr)?;
+            loss_sum += ce.to_scalar::<f32>()? as f64 * batch.len() as f64;
+            let p = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            correct += p.iter().zip(batch).filter(|(p, &i)| **p == train.labels[i]).count();
+            pb.inc(batch.len() as u64);
+        }
+        pb.finish_and_clear();
+        let (val_loss, val_acc, _) = t.evaluate(phase, &caches[1], dev)?;
+        let e = Epoch {
+            phase,
+            epoch: epoch + 1,
+            lr,
+            train_loss: loss_sum / items.len() as f64,
+            train_acc: correct as f64 / items.len() as f64,
+            val_loss,
+            val_acc,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            "phase {phase} epoch {:>2}/{}: lr {:.2e}  train loss {:.4} acc {:.4}  val loss {:.4} acc {:.4}  ({:.0} s, {:.0} img/s)",
+            e.epoch, pc.epochs, lr, e.train_loss, e.train_acc, val_loss, val_acc, e.seconds, items.len() as f64 / e.seconds
+        );
+        state.history.push(e);
+        if val_acc > state.best_acc || (val_acc == state.best_acc && val_loss < state.best_loss) {
+            (state.best_acc, state.best_loss, state.since_best) = (val_acc, val_loss, 0);
+            best = snapshot(&vars)?;
+        } else {
+            state.since_best += 1;
+        }
+        if pc.schedule == Schedule::ReduceOnPlateau {
+            if val_loss < state.plateau_best - 1e-4 {
+                (state.plateau_best, state.plateau_wait) = (val_loss, 0);
+            } else {
+                state.plateau_wait += 1;
+                if state.plateau_wait >= (pc.patience / 2).max(1) {
+                    (state.lr_factor, state.plateau_wait) = (state.lr_factor * 0.1, 0);
+                }
+            }
+        }
+        state.next_epoch = epoch + 1;
+        state.opt_step = opt.step;
+        if pc.patience > 0 && state.since_best >= pc.patience {
+            tracing::info!("phase {phase}: no better validation accuracy for {} epochs, stopping", pc.patience);
+            state.phase_done = true;
+        }
+        let mut tensors: Vec<(String, Tensor)> = vars.iter().map(|(n, v)| (format!("var.{n}"), v.as_tensor().clone())).collect();
+        tensors.extend(best.iter().map(|(n, t)| (format!("best.{n}"), t.clone())));
+        tensors.extend(opt.state());
+        checkpoint::save(ckpt, state, &tensors)?;
+    }
+    // Early stopping restores the best epoch's variables.
+    for ((_, var), (_, b)) in vars.iter().zip(&best) {
+        var.set(b)?;
+    }
+    Ok(())
+}
+
+/// Runs a whole training; `resume` continues from the run directory's checkpoint if any.
+pub fn run(cfg: &TrainConfig, resume: bool, dev: &Device) -> anyhow::Result<Outcome> {
+    cfg.validate()?;
+    let t0 = Instant::now();
+    let out = &cfg.out;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let ckpt_path = out.join("checkpoint.safetensors");
+    let config_path = out.join("config.toml");
+    let mut resumed = None;
+    if resume && ckpt_path.exists() {
+        let saved = std::fs::read_to_string(&config_path).unwrap_or_default();
+        if saved != cfg.to_toml() {
+            bail!("{}: the run was started with another configuration; resume with the same flags or config", config_path.display());
+        }
+        resumed = Some(checkpoint::load(&ckpt_path, dev)?);
+        tracing::info!("resuming from {}", ckpt_path.display());
+    } else if resume {
+        tracing::warn!("--resume: no checkpoint in {}, starting afresh", out.display());
+    }
+    std::fs::write(&config_path, cfg.to_toml()).with_context(|| format!("writing {}", config_path.display()))?;
+
+    // Data.
+    let ds = data::scan(&cfg.data)?;
+    let prep = Preprocessing::default();
+    let mut images: Vec<Images> = Vec::new();
+    for (i, split) in SPLITS.iter().enumerate() {
+        let (imgs, skipped) = data::load(&ds.splits[i], cfg.image_size, &prep, cfg.strict, &format!("loading {split}"))?;
+        if !skipped.is_empty() {
+            tracing::warn!("{split}: skipped {} unreadable images:", skipped.len());
+            for (p, why) in &skipped {
+                tracing::warn!("  {}: {why}", p.display());
+            }
+        }
+        images.push(imgs);
+    }
+    tracing::info!(
+        "{}: classes {:?}; {} / {} / {} images; {} px",
+        cfg.data.display(), ds.classes, images[0].len(), images[1].len(), images[2].len(), cfg.image_size
+    );
+
+    // Feature caches, from the frozen ImageNet base.
+    let base_dir = ModelDir::load(&cfg.base, dev).with_context(|| format!("loading the base model {}", cfg.base.display()))?;
+    let frozen = Xception::new(base_dir.var_builder(dev), XceptionOptions::default())?;
+    let fine_tune = cfg.fine_tune_from <= NUM_BLOCKS && cfg.fine_tune.epochs > 0;
+    let upto = if fine_tune { cfg.fine_tune_from - 1 } else { NUM_BLOCKS };
+    let tc = Instant::now();
+    let mut caches = Vec::new();
+    for (i, split) in SPLITS.iter().enumerate() {
+        let spec = CacheSpec {
+            variants: if i == 0 && cfg.augment.enabled { cfg.variants } else { 1 },
+            augment: &cfg.augment,
+            seed: cfg.seed,
+            stream: i as u64,
+            upto,
+            batch: 32,
+            prep: &prep,
+        };
+        caches.push(features::build(&frozen, &images[i], &spec, &format!("features {split}"), dev)?);
+    }
+    drop(frozen);
+    let caches: [FeatureCache; 3] = caches.try_into().map_err(|_| anyhow::anyhow!("three splits"))?;
+    let cached: usize = caches.iter().map(|c| c.items()).sum();
+    tracing::info!("feature cache: {cached} items through blocks 1-{upto} in {:.0} s", tc.elapsed().as_secs_f64());
+
+    // The trainable network: base variables from the ImageNet weights, a seeded new head.
+    let classes = ds.classes.len();
+    let head_cfg = Head { inner: cfg.inner, dropout: cfg.dropout, classes };
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap.data().lock().expect("varmap lock");
+        for (k, t) in &base_dir.tensors {
+            data.insert(k.clone(), Var::from_tensor(t)?);
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        for (name, cin, cout) in [(DENSE, FEATURES, cfg.inner), (LOGITS, cfg.inner, classes)] {
+            let (w, b) = dense_init(&mut rng, cin, cout, dev)?;
+            data.insert(format!("{name}.weight"), Var::from_tensor(&w)?);
+            data.insert(format!("{name}.bias"), Var::from_tensor(&b)?);
+        }
+    }
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    let base = Xception::new(vb.clone(), XceptionOptions { trainable_from: fine_tune.then_some(cfg.fine_tune_from) })?;
+    let head = ClassifierHead::new(&head_cfg, FEATURES, vb)?;
+    let vars: HashMap<String, Var> = varmap.data().lock().expect("varmap lock").clone();
+    let t = Trainable { base, head, from: cfg.fine_tune_from, vars };
+    let pick = |f: &dyn Fn(&str) -> bool| -> Vec<(String, Var)> {
+        let mut v: Vec<(String, Var)> = t.vars.iter().filter(|(k, _)| f(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let head_vars = pick(&|k: &str| k.starts_with("head_"));
+    // Batch-norm statistics stay fixed (inference mode); gamma and beta train, as in Keras.
+    let ft_vars = pick(&|k: &str| {
+        k.starts_with("head_")
+            || (block_of(k).is_some_and(|b| b >= cfg.fine_tune_from) && !k.ends_with("moving_mean") && !k.ends_with("moving_variance"))
+    });
+
+    let (mut state, saved) = match resumed {
+        Some((s, tensors)) => (s, Some(tensors)),
+        None => (fresh_state(1, Vec::new()), None),
+    };
+    if state.phase == 1 {
+        train_phase(cfg, &cfg.head, &t, head_vars, &mut state, saved.as_ref(), &caches, &ckpt_path, dev)?;
+        state = fresh_state(2, std::mem::take(&mut state.history));
+        if fine_tune {
+            train_phase(cfg, &cfg.fine_tune, &t, ft_vars, &mut state, None, &caches, &ckpt_path, dev)?;
+        }
+    } else if fine_tune {
+        train_phase(cfg, &cfg.fine_tune, &t, ft_vars, &mut state, saved.as_ref(), &caches, &ckpt_path, dev)?;
+    }
+
+    // Final metrics.
+    let phase = if fine_tune { 2 } else { 1 };
+    let (_, _, val_pred) = t.evaluate(phase, &caches[1], dev)?;
+    let (_, _, test_pred) = t.evaluate(phase, &caches[2], dev)?;
+    let validation = metrics::evaluate(&val_pred, &caches[1].labels[..caches[1].n], &ds.classes);
+    let test = metrics::evaluate(&test_pred, &caches[2].labels[..caches[2].n], &ds.classes);
+    let seconds = t0.elapsed().as_secs_f64();
+
+    // The run directory.
+    let metrics_json = serde_json::json!({
+        "validation": validation,
+        "test": test,
+        "seconds": seconds,
+        "epochs": state.history.len(),
+    });
+    let description = ModelDescription {
+        format: FORMAT_VERSION,
+        name: cfg.name.clone(),
+        architecture: "xception".into(),
+        input_size: cfg.image_size,
+        layout: "NHWC".into(),
+        preprocessing: prep,
+        head: Some(head_cfg),
+        classes: ds.classes.clone(),
+        source: format!("trainer run {} on {}", out.display(), cfg.data.display()),
+        metrics: Some(serde_json::json!({
+            "test_accuracy": test.accuracy,
+            "test_macro_f1": test.macro_f1,
+            "validation_accuracy": validation.accuracy,
+        })),
+    };
+    let tensors: Vec<(String, Tensor)> = expected_tensors(&description)
+        .iter()
+        .map(|s| Ok((s.name.clone(), t.vars.get(&s.name).with_context(|| format!("no variable {}", s.name))?.as_tensor().clone())))
+        .collect::<anyhow::Result<_>>()?;
+    write_model_files(out, &description, &tensors)?;
+    std::fs::write(out.join("metrics.json"), serde_json::to_string_pretty(&metrics_json)?)?;
+    std::fs::write(out.join("history.json"), serde_json::to_string_pretty(&state.history)?)?;
+    history::write_csv(&state.history, &out.join("history.csv"))?;
+    test.write_csv(&out.join("test_metrics.csv"))?;
+    validation.write_csv(&out.join("validation_metrics.csv"))?;
+    let _ = std::fs::remove_file(&ckpt_path);
+    Ok(Outcome { run_dir: out.clone(), validation, test, seconds })
+}
