@@ -228,10 +228,18 @@ pub fn base_tensors() -> Vec<TensorSpec> {
 
 /// Spatial size of the base's output feature map for a square input of `size` pixels.
 pub fn output_size(size: usize) -> usize {
-    // Stem: two 'valid' 3x3 convolutions, the first of stride 2; then four stride-2 'same' pools.
+    output_size_after(size, NUM_BLOCKS)
+}
+
+/// Spatial size of the output of block `block` (1-based) for a square input of `size` pixels.
+pub fn output_size_after(size: usize, block: usize) -> usize {
+    // Stem: two 'valid' 3x3 convolutions, the first of stride 2; blocks 2, 3, 4 and 13 pool with
+    // stride 2 and 'same' padding.
     let mut s = (size - 3) / 2 + 1 - 2;
-    for _ in 0..4 {
-        s = s.div_ceil(2);
+    for b in blocks().iter().take(block).skip(1) {
+        if matches!(b, Block::Down { .. }) {
+            s = s.div_ceil(2);
+        }
     }
     s
 }
@@ -270,5 +278,8 @@ mod tests {
         assert_eq!(output_size(299), 10);
         assert_eq!(output_size(150), 5);
         assert_eq!(output_size(71), 3);
+        assert_eq!(output_size_after(150, 1), 72);
+        assert_eq!(output_size_after(150, 12), 9);
+        assert_eq!(output_size_after(299, 12), 19);
     }
 }

@@ -11,4 +11,6 @@ pub mod features;
 pub mod history;
 pub mod metrics;
 pub mod optim;
+pub mod plots;
+pub mod sweep;
 pub mod train;

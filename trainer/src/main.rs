@@ -24,11 +24,33 @@ struct Cli {
 enum Cmd {
     /// Train, evaluate on the test split, and write the run directory.
     Train(TrainArgs),
+    /// Train every combination of a grid (reusing the feature caches), ranked by validation
+    /// accuracy; phase 2 is skipped unless --fine-tune-epochs is given.
+    Sweep(SweepArgs),
     /// Print the default configuration as TOML.
     DefaultConfig,
 }
 
 #[derive(clap::Args, Debug)]
+struct SweepArgs {
+    #[command(flatten)]
+    train: TrainArgs,
+    /// Learning rates of the head (phase 2 keeps its ratio), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    lrs: Vec<f64>,
+    #[arg(long, value_delimiter = ',')]
+    batch_sizes: Vec<usize>,
+    #[arg(long, value_delimiter = ',')]
+    seeds: Vec<u64>,
+    #[arg(long, value_delimiter = ',')]
+    dropouts: Vec<f32>,
+    #[arg(long, value_delimiter = ',')]
+    inners: Vec<usize>,
+    #[arg(long, value_delimiter = ',')]
+    image_sizes: Vec<usize>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
 struct TrainArgs {
     /// TOML configuration file (fields left out keep their defaults).
     #[arg(long)]
@@ -156,6 +178,27 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().cmd {
         Cmd::DefaultConfig => print!("{}", TrainConfig::default().to_toml()),
+        Cmd::Sweep(a) => {
+            let mut cfg = config(&a.train)?;
+            if a.train.fine_tune_epochs.is_none() {
+                cfg.fine_tune.epochs = 0;
+            }
+            let dev = device(&a.train.device)?;
+            let grid = trainer::sweep::Grid {
+                lr: a.lrs,
+                batch_size: a.batch_sizes,
+                seed: a.seeds,
+                dropout: a.dropouts,
+                inner: a.inners,
+                image_size: a.image_sizes,
+            };
+            let out = cfg.out.clone();
+            let rows = trainer::sweep::sweep(&cfg, &grid, &out, &dev)?;
+            print!("{}", std::fs::read_to_string(out.join("sweep.md"))?);
+            if let Some(b) = rows.first() {
+                println!("best: {} (validation accuracy {:.4}), weights in {}", b.run, b.val_accuracy, out.join("runs").join(&b.run).display());
+            }
+        }
         Cmd::Train(a) => {
             let cfg = config(&a)?;
             let dev = device(&a.device)?;

@@ -40,7 +40,9 @@ impl Optimizer {
         let t = self.step as i32;
         for (i, (_, var)) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
-            let theta = var.as_tensor();
+            // Detached: otherwise the moments would hold on to this step's autograd graph, and
+            // through it to every earlier one.
+            let (g, theta) = (&g.detach(), &var.as_tensor().detach());
             match self.kind {
                 OptimizerKind::Adamw => {
                     let m = ((&self.m[i] * BETA1)? + (g * (1.0 - BETA1))?)?;
@@ -50,14 +52,14 @@ impl Optimizer {
                     let update = (mhat / (vhat.sqrt()? + EPS)?)?;
                     let decayed = (theta * (1.0 - lr * self.weight_decay))?;
                     var.set(&(decayed - (update * lr)?)?)?;
-                    self.m[i] = m;
-                    self.v[i] = v;
+                    self.m[i] = m.detach();
+                    self.v[i] = v.detach();
                 }
                 OptimizerKind::Sgd => {
                     let g = (g + (theta * self.weight_decay)?)?;
                     let buf = ((&self.m[i] * self.momentum)? + g)?;
                     var.set(&(theta - (&buf * lr)?)?)?;
-                    self.m[i] = buf;
+                    self.m[i] = buf.detach();
                 }
             }
         }
@@ -81,8 +83,8 @@ impl Optimizer {
             let v = get(&format!("opt.v.{name}"));
             match (m, v) {
                 (Some(m), Some(v)) => {
-                    self.m[i] = m;
-                    self.v[i] = v;
+                    self.m[i] = m.detach();
+                    self.v[i] = v.detach();
                 }
                 _ => candle_core::bail!("checkpoint has no optimiser state for `{name}`"),
             }

@@ -239,6 +239,71 @@ fn train_phase(
     Ok(())
 }
 
+/// What the frozen part of the network gives once for a configuration: the class names, the
+/// feature caches of the three splits and the base's tensors. A sweep reuses it across runs.
+pub struct Prepared {
+    pub classes: Vec<String>,
+    pub caches: [FeatureCache; 3],
+    pub base_tensors: HashMap<String, Tensor>,
+    pub prep: Preprocessing,
+}
+
+/// Reads the data and builds the feature caches with the frozen ImageNet base.
+pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
+    cfg.validate()?;
+    let ds = data::scan(&cfg.data)?;
+    let prep = Preprocessing::default();
+    let mut images: Vec<Images> = Vec::new();
+    for (i, split) in SPLITS.iter().enumerate() {
+        let (imgs, skipped) = data::load(&ds.splits[i], cfg.image_size, &prep, cfg.strict, &format!("loading {split}"))?;
+        if !skipped.is_empty() {
+            tracing::warn!("{split}: skipped {} unreadable images:", skipped.len());
+            for (p, why) in &skipped {
+                tracing::warn!("  {}: {why}", p.display());
+            }
+        }
+        images.push(imgs);
+    }
+    tracing::info!(
+        "{}: classes {:?}; {} / {} / {} images; {} px",
+        cfg.data.display(), ds.classes, images[0].len(), images[1].len(), images[2].len(), cfg.image_size
+    );
+    let base_dir = ModelDir::load(&cfg.base, dev).with_context(|| format!("loading the base model {}", cfg.base.display()))?;
+    let frozen = Xception::new(base_dir.var_builder(dev), XceptionOptions::default())?;
+    let upto = cache_upto(cfg);
+    let tc = Instant::now();
+    let mut caches = Vec::new();
+    for (i, split) in SPLITS.iter().enumerate() {
+        let spec = CacheSpec {
+            variants: if i == 0 && cfg.augment.enabled { cfg.variants } else { 1 },
+            augment: &cfg.augment,
+            seed: cfg.seed,
+            stream: i as u64,
+            upto,
+            batch: 32,
+            prep: &prep,
+        };
+        caches.push(features::build(&frozen, &images[i], &spec, &format!("features {split}"), dev)?);
+    }
+    let caches: [FeatureCache; 3] = caches.try_into().map_err(|_| anyhow::anyhow!("three splits"))?;
+    let cached: usize = caches.iter().map(|c| c.items()).sum();
+    tracing::info!("feature cache: {cached} items through blocks 1-{upto} in {:.0} s", tc.elapsed().as_secs_f64());
+    Ok(Prepared { classes: ds.classes, caches, base_tensors: base_dir.tensors, prep })
+}
+
+fn fine_tunes(cfg: &TrainConfig) -> bool {
+    cfg.fine_tune_from <= NUM_BLOCKS && cfg.fine_tune.epochs > 0
+}
+
+/// The last frozen block, whose output the cache holds.
+fn cache_upto(cfg: &TrainConfig) -> usize {
+    if fine_tunes(cfg) {
+        cfg.fine_tune_from - 1
+    } else {
+        NUM_BLOCKS
+    }
+}
+
 /// Runs a whole training; `resume` continues from the run directory's checkpoint if any.
 pub fn run(cfg: &TrainConfig, resume: bool, dev: &Device) -> anyhow::Result<Outcome> {
     cfg.validate()?;
@@ -259,57 +324,30 @@ pub fn run(cfg: &TrainConfig, resume: bool, dev: &Device) -> anyhow::Result<Outc
         tracing::warn!("--resume: no checkpoint in {}, starting afresh", out.display());
     }
     std::fs::write(&config_path, cfg.to_toml()).with_context(|| format!("writing {}", config_path.display()))?;
+    let prepared = prepare(cfg, dev)?;
+    let mut o = train_prepared(cfg, &prepared, resumed, dev)?;
+    o.seconds = t0.elapsed().as_secs_f64();
+    Ok(o)
+}
 
-    // Data.
-    let ds = data::scan(&cfg.data)?;
-    let prep = Preprocessing::default();
-    let mut images: Vec<Images> = Vec::new();
-    for (i, split) in SPLITS.iter().enumerate() {
-        let (imgs, skipped) = data::load(&ds.splits[i], cfg.image_size, &prep, cfg.strict, &format!("loading {split}"))?;
-        if !skipped.is_empty() {
-            tracing::warn!("{split}: skipped {} unreadable images:", skipped.len());
-            for (p, why) in &skipped {
-                tracing::warn!("  {}: {why}", p.display());
-            }
-        }
-        images.push(imgs);
+/// Trains on prepared caches (both phases) and writes the run directory `cfg.out`.
+pub fn train_prepared(cfg: &TrainConfig, p: &Prepared, resumed: Option<(TrainState, HashMap<String, Tensor>)>, dev: &Device) -> anyhow::Result<Outcome> {
+    let t0 = Instant::now();
+    let out = &cfg.out;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let ckpt_path = out.join("checkpoint.safetensors");
+    let caches = &p.caches;
+    let fine_tune = fine_tunes(cfg);
+    if caches[0].map_dims[0] != models::layers::output_size_after(cfg.image_size, cache_upto(cfg)) {
+        bail!("feature caches were built for another image size or block");
     }
-    tracing::info!(
-        "{}: classes {:?}; {} / {} / {} images; {} px",
-        cfg.data.display(), ds.classes, images[0].len(), images[1].len(), images[2].len(), cfg.image_size
-    );
-
-    // Feature caches, from the frozen ImageNet base.
-    let base_dir = ModelDir::load(&cfg.base, dev).with_context(|| format!("loading the base model {}", cfg.base.display()))?;
-    let frozen = Xception::new(base_dir.var_builder(dev), XceptionOptions::default())?;
-    let fine_tune = cfg.fine_tune_from <= NUM_BLOCKS && cfg.fine_tune.epochs > 0;
-    let upto = if fine_tune { cfg.fine_tune_from - 1 } else { NUM_BLOCKS };
-    let tc = Instant::now();
-    let mut caches = Vec::new();
-    for (i, split) in SPLITS.iter().enumerate() {
-        let spec = CacheSpec {
-            variants: if i == 0 && cfg.augment.enabled { cfg.variants } else { 1 },
-            augment: &cfg.augment,
-            seed: cfg.seed,
-            stream: i as u64,
-            upto,
-            batch: 32,
-            prep: &prep,
-        };
-        caches.push(features::build(&frozen, &images[i], &spec, &format!("features {split}"), dev)?);
-    }
-    drop(frozen);
-    let caches: [FeatureCache; 3] = caches.try_into().map_err(|_| anyhow::anyhow!("three splits"))?;
-    let cached: usize = caches.iter().map(|c| c.items()).sum();
-    tracing::info!("feature cache: {cached} items through blocks 1-{upto} in {:.0} s", tc.elapsed().as_secs_f64());
-
     // The trainable network: base variables from the ImageNet weights, a seeded new head.
-    let classes = ds.classes.len();
+    let classes = p.classes.len();
     let head_cfg = Head { inner: cfg.inner, dropout: cfg.dropout, classes };
     let varmap = VarMap::new();
     {
         let mut data = varmap.data().lock().expect("varmap lock");
-        for (k, t) in &base_dir.tensors {
+        for (k, t) in &p.base_tensors {
             data.insert(k.clone(), Var::from_tensor(t)?);
         }
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
@@ -341,21 +379,21 @@ pub fn run(cfg: &TrainConfig, resume: bool, dev: &Device) -> anyhow::Result<Outc
         None => (fresh_state(1, Vec::new()), None),
     };
     if state.phase == 1 {
-        train_phase(cfg, &cfg.head, &t, head_vars, &mut state, saved.as_ref(), &caches, &ckpt_path, dev)?;
+        train_phase(cfg, &cfg.head, &t, head_vars, &mut state, saved.as_ref(), caches, &ckpt_path, dev)?;
         state = fresh_state(2, std::mem::take(&mut state.history));
         if fine_tune {
-            train_phase(cfg, &cfg.fine_tune, &t, ft_vars, &mut state, None, &caches, &ckpt_path, dev)?;
+            train_phase(cfg, &cfg.fine_tune, &t, ft_vars, &mut state, None, caches, &ckpt_path, dev)?;
         }
     } else if fine_tune {
-        train_phase(cfg, &cfg.fine_tune, &t, ft_vars, &mut state, saved.as_ref(), &caches, &ckpt_path, dev)?;
+        train_phase(cfg, &cfg.fine_tune, &t, ft_vars, &mut state, saved.as_ref(), caches, &ckpt_path, dev)?;
     }
 
     // Final metrics.
     let phase = if fine_tune { 2 } else { 1 };
     let (_, _, val_pred) = t.evaluate(phase, &caches[1], dev)?;
     let (_, _, test_pred) = t.evaluate(phase, &caches[2], dev)?;
-    let validation = metrics::evaluate(&val_pred, &caches[1].labels[..caches[1].n], &ds.classes);
-    let test = metrics::evaluate(&test_pred, &caches[2].labels[..caches[2].n], &ds.classes);
+    let validation = metrics::evaluate(&val_pred, &caches[1].labels[..caches[1].n], &p.classes);
+    let test = metrics::evaluate(&test_pred, &caches[2].labels[..caches[2].n], &p.classes);
     let seconds = t0.elapsed().as_secs_f64();
 
     // The run directory.
@@ -371,9 +409,9 @@ pub fn run(cfg: &TrainConfig, resume: bool, dev: &Device) -> anyhow::Result<Outc
         architecture: "xception".into(),
         input_size: cfg.image_size,
         layout: "NHWC".into(),
-        preprocessing: prep,
+        preprocessing: p.prep.clone(),
         head: Some(head_cfg),
-        classes: ds.classes.clone(),
+        classes: p.classes.clone(),
         source: format!("trainer run {} on {}", out.display(), cfg.data.display()),
         metrics: Some(serde_json::json!({
             "test_accuracy": test.accuracy,
@@ -391,6 +429,14 @@ pub fn run(cfg: &TrainConfig, resume: bool, dev: &Device) -> anyhow::Result<Outc
     history::write_csv(&state.history, &out.join("history.csv"))?;
     test.write_csv(&out.join("test_metrics.csv"))?;
     validation.write_csv(&out.join("validation_metrics.csv"))?;
+    for (what, r) in [
+        ("learning_curves.png", crate::plots::learning_curves(&state.history, &out.join("learning_curves.png"))),
+        ("confusion_test.png", crate::plots::confusion(&test, &out.join("confusion_test.png"))),
+    ] {
+        if let Err(e) = r {
+            tracing::warn!("{what}: {e}");
+        }
+    }
     let _ = std::fs::remove_file(&ckpt_path);
     Ok(Outcome { run_dir: out.clone(), validation, test, seconds })
 }
