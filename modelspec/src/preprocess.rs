@@ -105,11 +105,27 @@ mod tests {
         assert!(matches!(decode_rgb(b"", 100), Err(ImageError::Empty)));
         assert!(matches!(decode_rgb(b"hello world", 100), Err(ImageError::Format(_))));
         // A PNG header claiming 50,000 x 50,000 pixels is refused before decoding.
-        let mut png = Vec::new();
-        png.extend_from_slice(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR");
-        png.extend_from_slice(&50_000u32.to_be_bytes());
-        png.extend_from_slice(&50_000u32.to_be_bytes());
-        png.extend_from_slice(&[8, 2, 0, 0, 0, 0, 0, 0, 0]);
+        fn crc32(bytes: &[u8]) -> u32 {
+            let mut c = !0u32;
+            for &b in bytes {
+                c ^= b as u32;
+                for _ in 0..8 {
+                    c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                }
+            }
+            !c
+        }
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut chunk = |kind: &[u8], data: &[u8]| {
+            png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            let body = [kind, data].concat();
+            png.extend_from_slice(&body);
+            png.extend_from_slice(&crc32(&body).to_be_bytes());
+        };
+        let ihdr = [&50_000u32.to_be_bytes()[..], &50_000u32.to_be_bytes(), &[8, 2, 0, 0, 0]].concat();
+        chunk(b"IHDR", &ihdr);
+        chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+        chunk(b"IEND", &[]);
         assert!(matches!(decode_rgb(&png, DEFAULT_MAX_PIXELS), Err(ImageError::TooLarge { .. })), "{:?}", decode_rgb(&png, DEFAULT_MAX_PIXELS).err());
     }
 }

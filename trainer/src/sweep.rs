@@ -136,7 +136,7 @@ fn plot(rows: &[Row], path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let h = 60 + 28 * rows.len() as u32;
     let root = BitMapBackend::new(path, (1100, h)).into_drawing_area();
     root.fill(&WHITE)?;
-    let lo = rows.iter().map(|r| r.val_accuracy).fold(1.0, f64::min) - 0.01;
+    let lo = rows.iter().map(|r| r.val_accuracy).fold(1.0, f64::min) - 0.02;
     let mut chart = ChartBuilder::on(&root)
         .caption("validation accuracy", ("sans-serif", 20))
         .margin(10)

@@ -114,11 +114,12 @@ fn fresh_state(phase: usize, history: Vec<Epoch>) -> TrainState {
         next_epoch: 0,
         history,
         best_acc: -1.0,
-        best_loss: f64::INFINITY,
+        // Not infinity: JSON (the checkpoint's metadata) has no infinities.
+        best_loss: f64::MAX,
         since_best: 0,
         lr_factor: 1.0,
         plateau_wait: 0,
-        plateau_best: f64::INFINITY,
+        plateau_best: f64::MAX,
         opt_step: 0,
         phase_done: false,
     }

@@ -21,9 +21,9 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 /// A small image folder: symlinks to the first `per_class` photos of each class and split.
-fn small_footwear(per_class: usize) -> PathBuf {
+fn small_footwear(per_class: usize, name: &str) -> PathBuf {
     let src = repo().join("../shared/data/footwear");
-    let dst = tmp("data");
+    let dst = tmp(name);
     for split in ["train", "validation", "test"] {
         for class in ["boot", "sandal", "shoe"] {
             let from = src.join(split).join(class);
@@ -50,7 +50,8 @@ fn small_config(data: &Path, out: &Path) -> TrainConfig {
     let mut c = TrainConfig { data: data.into(), base: base(), out: out.into(), image_size: 71, variants: 2, fine_tune_from: 14, ..Default::default() };
     c.head.epochs = 4;
     c.head.patience = 0;
-    c.fine_tune.epochs = 4;
+    // Enough phase-2 epochs for the kill below to land in the middle of phase 2.
+    c.fine_tune.epochs = 40;
     c.fine_tune.patience = 0;
     c.batch_size = 8;
     c
@@ -64,7 +65,7 @@ fn results(out: &Path) -> (serde_json::Value, Vec<u8>) {
 
 #[test]
 fn same_seed_same_result_and_resume_after_sigkill() {
-    let data = small_footwear(8);
+    let data = small_footwear(8, "data-resume");
     let root = tmp("runs");
     let (a, b, k) = (root.join("a"), root.join("b"), root.join("killed"));
     trainer::train::run(&small_config(&data, &a), false, &Device::Cpu).unwrap();
@@ -109,7 +110,7 @@ fn same_seed_same_result_and_resume_after_sigkill() {
 /// model run from raw pixels.
 #[test]
 fn cached_path_equals_direct_forward() {
-    let data = small_footwear(4);
+    let data = small_footwear(4, "data-cached");
     let out = tmp("cached");
     let mut cfg = small_config(&data, &out);
     cfg.head.epochs = 2;
