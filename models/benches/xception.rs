@@ -75,7 +75,8 @@ fn main() {
         report("kernels: max-pool 3x3/2 same, 32x72x72x128", 32, s);
     }
 
-    let base_dir = std::env::var("WEIGHTS_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../weights").into());
+    let base_dir =
+        std::env::var("WEIGHTS_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../weights").into());
     let dir = std::path::Path::new(&base_dir).join("xception-imagenet");
     let (model, _) = Classifier::load(&dir, &dev).expect("weights: run scripts/fetch-weights.sh");
     for (size, batch) in [(150, 1), (150, 32), (299, 1), (299, 32)] {

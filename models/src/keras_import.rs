@@ -81,7 +81,8 @@ pub fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
 /// Reads `model.weights.h5` and `config.json` out of a `.keras` zip.
 fn unzip_keras(path: &Path, bytes: &[u8]) -> Result<(Vec<u8>, serde_json::Value)> {
     let bad = |what: String| ModelError::format(path, what);
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| bad(format!("not a valid .keras zip ({e})")))?;
+    let mut zip =
+        zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| bad(format!("not a valid .keras zip ({e})")))?;
     let mut member = |name: &str| -> Result<Vec<u8>> {
         let mut f = zip.by_name(name).map_err(|e| bad(format!("{name}: {e}")))?;
         let mut v = Vec::new();
@@ -170,9 +171,10 @@ fn find_dropout(v: &serde_json::Value) -> Option<f32> {
 /// The strings of a string or string-array attribute.
 fn attr_strings(v: &AttrValue) -> Option<Vec<String>> {
     match v {
-        AttrValue::String(s) | AttrValue::AsciiString(s) | AttrValue::VarLenString(s) | AttrValue::VarLenAsciiString(s) => {
-            Some(vec![s.clone()])
-        }
+        AttrValue::String(s)
+        | AttrValue::AsciiString(s)
+        | AttrValue::VarLenString(s)
+        | AttrValue::VarLenAsciiString(s) => Some(vec![s.clone()]),
         AttrValue::StringArray(a)
         | AttrValue::AsciiStringArray(a)
         | AttrValue::VarLenStringArray(a)
@@ -189,10 +191,9 @@ fn attr_strings(v: &AttrValue) -> Option<Vec<String>> {
 /// last `/` names the layer, which keeps nested models flat and in order.
 fn find_legacy(h5: &hdf5_pure::File, label: &Path) -> Result<Found> {
     let root = h5.root().attrs().map_err(|e| ModelError::format(label, format!("cannot read attributes ({e})")))?;
-    let names = root
-        .get("layer_names")
-        .and_then(attr_strings)
-        .ok_or_else(|| ModelError::format(label, "no `layers` group and no `layer_names` attribute: not a Keras weights file"))?;
+    let names = root.get("layer_names").and_then(attr_strings).ok_or_else(|| {
+        ModelError::format(label, "no `layers` group and no `layer_names` attribute: not a Keras weights file")
+    })?;
     let mut layers: Vec<SourceLayer> = Vec::new();
     for name in names {
         let attrs = h5
@@ -217,20 +218,32 @@ fn find_legacy(h5: &hdf5_pure::File, label: &Path) -> Result<Found> {
 }
 
 /// Reads one variable, checks its shape against Keras' and maps it onto our tensor.
-fn read_var(h5: &hdf5_pure::File, label: &Path, src: &SourceLayer, layer: &WeightLayer) -> Result<Vec<(String, Tensor)>> {
+fn read_var(
+    h5: &hdf5_pure::File,
+    label: &Path,
+    src: &SourceLayer,
+    layer: &WeightLayer,
+) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
     if src.vars.len() != layer.keras_shapes.len() {
         return Err(ModelError::Tensor {
             path: label.into(),
             tensor: src.label.clone(),
-            reason: format!("{} variables, expected {} for {} `{}`", src.vars.len(), layer.keras_shapes.len(), layer.class.name(), layer.name),
+            reason: format!(
+                "{} variables, expected {} for {} `{}`",
+                src.vars.len(),
+                layer.keras_shapes.len(),
+                layer.class.name(),
+                layer.name
+            ),
         });
     }
     for spec in layer.tensors() {
         let var = &src.vars[spec.keras_var];
         let keras_shape = &layer.keras_shapes[spec.keras_var];
         let tensor = format!("{var} ({})", spec.name);
-        let ds = h5.dataset(var).map_err(|_| ModelError::MissingTensor { path: label.into(), tensor: tensor.clone() })?;
+        let ds =
+            h5.dataset(var).map_err(|_| ModelError::MissingTensor { path: label.into(), tensor: tensor.clone() })?;
         let bad = |reason: String| ModelError::Tensor { path: label.into(), tensor: tensor.clone(), reason };
         let shape: Vec<usize> = ds.shape().map_err(|e| bad(e.to_string()))?.into_iter().map(|d| d as usize).collect();
         if &shape != keras_shape {
@@ -261,7 +274,9 @@ fn build(h5: &hdf5_pure::File, label: &Path, found: Found, path: &Path, opts: &I
             [] => None,
             [dense, logits] => {
                 let shape = |s: &SourceLayer| -> Result<Vec<usize>> {
-                    let ds = h5.dataset(&s.vars[0]).map_err(|_| ModelError::MissingTensor { path: label.into(), tensor: s.vars[0].clone() })?;
+                    let ds = h5
+                        .dataset(&s.vars[0])
+                        .map_err(|_| ModelError::MissingTensor { path: label.into(), tensor: s.vars[0].clone() })?;
                     let shape = ds.shape().map_err(|e| ModelError::format(label, format!("{}: {e}", s.vars[0])))?;
                     Ok(shape.into_iter().map(|d| d as usize).collect())
                 };
@@ -284,7 +299,10 @@ fn build(h5: &hdf5_pure::File, label: &Path, found: Found, path: &Path, opts: &I
         (None, _) => Vec::new(),
         (Some(h), Some(c)) if c.len() == h.classes => c.clone(),
         (Some(h), Some(c)) => {
-            return Err(ModelError::format(path, format!("{} class names given, the model has {} classes", c.len(), h.classes)))
+            return Err(ModelError::format(
+                path,
+                format!("{} class names given, the model has {} classes", c.len(), h.classes),
+            ))
         }
         (Some(h), None) => (0..h.classes).map(|i| format!("class_{i}")).collect(),
     };

@@ -46,7 +46,8 @@ pub fn read_checked(path: &Path, expected: &[TensorSpec], dev: &Device) -> Resul
                 reason: format!("dtype {:?}, expected F32", view.dtype()),
             });
         }
-        let data: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let data: Vec<f32> =
+            view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         out.insert(spec.name.clone(), Tensor::from_vec(data, spec.shape.as_slice(), dev)?);
     }
     Ok(out)

@@ -91,7 +91,15 @@ struct ConvBn {
 }
 
 impl ConvBn {
-    fn new(vb: &VarBuilder, name: &str, k: usize, (cin, cout): (usize, usize), stride: usize, padding: Padding, trainable: bool) -> Result<Self> {
+    fn new(
+        vb: &VarBuilder,
+        name: &str,
+        k: usize,
+        (cin, cout): (usize, usize),
+        stride: usize,
+        padding: Padding,
+        trainable: bool,
+    ) -> Result<Self> {
         let w = vb.pp(name).get((k, k, cin, cout), "kernel")?.reshape((k * k * cin, cout))?;
         let bn = BatchNorm::new(vb.pp(format!("{name}_bn")), cout)?;
         Ok(Self { affine: FoldedAffine::new(w, bn, trainable)?, k, cin, stride, padding })
@@ -158,7 +166,9 @@ impl BlockImpl {
                 sep2: sep(2, f1, f2)?,
                 shortcut: ConvBn::new(vb, &layers::shortcut_name(index), 1, (cin, f2), 2, Padding::Same, trainable)?,
             },
-            Block::Middle { index } => BlockImpl::Middle { index, seps: [sep(1, 728, 728)?, sep(2, 728, 728)?, sep(3, 728, 728)?] },
+            Block::Middle { index } => {
+                BlockImpl::Middle { index, seps: [sep(1, 728, 728)?, sep(2, 728, 728)?, sep(3, 728, 728)?] }
+            }
             Block::Exit => BlockImpl::Exit { sep1: sep(1, 1024, 1536)?, sep2: sep(2, 1536, 2048)? },
         })
     }

@@ -21,9 +21,12 @@ fn activations_match_keras() {
     let (model, _) = Classifier::load(&weights("xception-imagenet"), &Device::Cpu).unwrap();
     let x = npy("kitchenware/inputs_150.npy").narrow(0, 0, 1).unwrap();
     let mut taps: HashMap<String, Tensor> = HashMap::new();
-    model.base.forward_with_taps(&x, &mut |name, t| {
-        taps.insert(name.to_string(), t.clone());
-    }).unwrap();
+    model
+        .base
+        .forward_with_taps(&x, &mut |name, t| {
+            taps.insert(name.to_string(), t.clone());
+        })
+        .unwrap();
     // Keras names the residual sums `add`, `add_1`, ...: block 2's is `add`, block 12's `add_10`.
     let keras_to_ours = [
         ("block1_conv1_act", "block1_conv1_act"),

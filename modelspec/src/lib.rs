@@ -112,8 +112,10 @@ impl ModelDescription {
     /// Reads and validates `model.json` from a model directory (or the file itself).
     pub fn load(path: &Path) -> Result<Self, DescriptionError> {
         let file = if path.is_dir() { path.join(DESCRIPTION_FILE) } else { path.to_path_buf() };
-        let text = std::fs::read_to_string(&file).map_err(|source| DescriptionError::Io { path: file.clone(), source })?;
-        let d: Self = serde_json::from_str(&text).map_err(|source| DescriptionError::Parse { path: file.clone(), source })?;
+        let text =
+            std::fs::read_to_string(&file).map_err(|source| DescriptionError::Io { path: file.clone(), source })?;
+        let d: Self =
+            serde_json::from_str(&text).map_err(|source| DescriptionError::Parse { path: file.clone(), source })?;
         d.validate(&file)?;
         Ok(d)
     }

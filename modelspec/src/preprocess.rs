@@ -85,7 +85,9 @@ mod tests {
     fn resize_is_close_to_pil_bilinear() {
         let files = std::fs::read_to_string(shared().join("fixtures/xception/footwear_files.txt")).unwrap();
         for size in [150u32, 299] {
-            let pil = candle_core::Tensor::read_npy(shared().join(format!("fixtures/preprocess/pil_bilinear_{size}.npy"))).unwrap();
+            let pil =
+                candle_core::Tensor::read_npy(shared().join(format!("fixtures/preprocess/pil_bilinear_{size}.npy")))
+                    .unwrap();
             let pil = pil.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let per = (size * size * 3) as usize;
             for (i, f) in files.lines().filter(|l| !l.trim().is_empty()).enumerate() {
@@ -93,7 +95,8 @@ mod tests {
                 let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 let img = resize(&decode_rgb(&bytes, DEFAULT_MAX_PIXELS).unwrap(), size, &Preprocessing::default());
                 let ours: Vec<f32> = img.as_raw().iter().map(|&v| v as f32).collect();
-                let mean = ours.iter().zip(&pil[i * per..(i + 1) * per]).map(|(a, b)| (a - b).abs()).sum::<f32>() / per as f32;
+                let mean =
+                    ours.iter().zip(&pil[i * per..(i + 1) * per]).map(|(a, b)| (a - b).abs()).sum::<f32>() / per as f32;
                 println!("{f} at {size}: mean |diff| {mean:.2} grey levels");
                 assert!(mean < 2.0, "{f} at {size}: mean |diff| {mean}");
             }
@@ -126,6 +129,10 @@ mod tests {
         chunk(b"IHDR", &ihdr);
         chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
         chunk(b"IEND", &[]);
-        assert!(matches!(decode_rgb(&png, DEFAULT_MAX_PIXELS), Err(ImageError::TooLarge { .. })), "{:?}", decode_rgb(&png, DEFAULT_MAX_PIXELS).err());
+        assert!(
+            matches!(decode_rgb(&png, DEFAULT_MAX_PIXELS), Err(ImageError::TooLarge { .. })),
+            "{:?}",
+            decode_rgb(&png, DEFAULT_MAX_PIXELS).err()
+        );
     }
 }

@@ -72,7 +72,8 @@ pub fn augment(img: &[u8], size: usize, cfg: &AugmentConfig, rng: &mut impl Rng)
             let (wx, wy) = (sx - x0 as f32, sy - y0 as f32);
             for ch in 0..3 {
                 let p = |xx: usize, yy: usize| img[(yy * size + xx) * 3 + ch] as f32;
-                let v = (p(x0, y0) * (1.0 - wx) + p(x1, y0) * wx) * (1.0 - wy) + (p(x0, y1) * (1.0 - wx) + p(x1, y1) * wx) * wy;
+                let v = (p(x0, y0) * (1.0 - wx) + p(x1, y0) * wx) * (1.0 - wy)
+                    + (p(x0, y1) * (1.0 - wx) + p(x1, y1) * wx) * wy;
                 let v = (v - 127.5) * contrast + 127.5 + brightness;
                 out[(y * size + x) * 3 + ch] = v.round().clamp(0.0, 255.0) as u8;
             }
@@ -93,17 +94,38 @@ mod tests {
 
     #[test]
     fn identity_when_everything_is_off() {
-        let cfg = AugmentConfig { enabled: true, flip: false, zoom: 0.0, shear: 0.0, rotation: 0.0, brightness: 0.0, contrast: 0.0 };
+        let cfg = AugmentConfig {
+            enabled: true,
+            flip: false,
+            zoom: 0.0,
+            shear: 0.0,
+            rotation: 0.0,
+            brightness: 0.0,
+            contrast: 0.0,
+        };
         let img = gradient(9);
         assert_eq!(augment(&img, 9, &cfg, &mut ChaCha8Rng::seed_from_u64(1)), img);
     }
 
     #[test]
     fn flip_mirrors_and_seed_repeats() {
-        let cfg = AugmentConfig { flip: true, zoom: 0.0, shear: 0.0, rotation: 0.0, brightness: 0.0, contrast: 0.0, enabled: true };
+        let cfg = AugmentConfig {
+            flip: true,
+            zoom: 0.0,
+            shear: 0.0,
+            rotation: 0.0,
+            brightness: 0.0,
+            contrast: 0.0,
+            enabled: true,
+        };
         let img = gradient(8);
         // Some seed flips: find one, and check the result is the exact mirror image.
-        let flipped: Vec<u8> = (0..64).flat_map(|i| { let (y, x) = (i / 8, i % 8); img[(y * 8 + 7 - x) * 3..][..3].to_vec() }).collect();
+        let flipped: Vec<u8> = (0..64)
+            .flat_map(|i| {
+                let (y, x) = (i / 8, i % 8);
+                img[(y * 8 + 7 - x) * 3..][..3].to_vec()
+            })
+            .collect();
         let found = (0..20).any(|s| augment(&img, 8, &cfg, &mut ChaCha8Rng::seed_from_u64(s)) == flipped);
         assert!(found, "no seed out of 20 flipped the image");
         let cfg = AugmentConfig::default();

@@ -39,7 +39,8 @@ pub fn save(path: &Path, state: &TrainState, tensors: &[(String, Tensor)]) -> an
     let tmp = path.with_extension("tmp");
     let mut meta = HashMap::new();
     meta.insert(META_KEY.to_string(), serde_json::to_string(state)?);
-    let data: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| Ok((n.clone(), t.contiguous()?))).collect::<candle_core::Result<_>>()?;
+    let data: Vec<(String, Tensor)> =
+        tensors.iter().map(|(n, t)| Ok((n.clone(), t.contiguous()?))).collect::<candle_core::Result<_>>()?;
     safetensors::serialize_to_file(data.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &tmp)?;
     std::fs::rename(&tmp, path)?;
     Ok(())
@@ -49,13 +50,16 @@ pub fn save(path: &Path, state: &TrainState, tensors: &[(String, Tensor)]) -> an
 pub fn load(path: &Path, dev: &Device) -> anyhow::Result<(TrainState, HashMap<String, Tensor>)> {
     use anyhow::Context;
     let bytes = std::fs::read(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a checkpoint", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{}: not a checkpoint", path.display()))?;
     let json = header
         .metadata()
         .as_ref()
         .and_then(|m| m.get(META_KEY))
         .with_context(|| format!("{}: no training state inside", path.display()))?;
-    let state: TrainState = serde_json::from_str(json).with_context(|| format!("{}: bad training state", path.display()))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, dev).with_context(|| format!("{}: bad tensors", path.display()))?;
+    let state: TrainState =
+        serde_json::from_str(json).with_context(|| format!("{}: bad training state", path.display()))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, dev)
+        .with_context(|| format!("{}: bad tensors", path.display()))?;
     Ok((state, tensors))
 }

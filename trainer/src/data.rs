@@ -72,11 +72,17 @@ pub fn scan(root: &Path) -> Result<Dataset, DataError> {
         if class_dirs.is_empty() {
             return Err(DataError::NoClasses { path: dir });
         }
-        let names: Vec<String> = class_dirs.iter().map(|d| d.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+        let names: Vec<String> =
+            class_dirs.iter().map(|d| d.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
         match &classes {
             None => classes = Some(names.clone()),
             Some(expected) if *expected != names => {
-                return Err(DataError::ClassMismatch { root: root.into(), split: split.to_string(), found: names, expected: expected.clone() })
+                return Err(DataError::ClassMismatch {
+                    root: root.into(),
+                    split: split.to_string(),
+                    found: names,
+                    expected: expected.clone(),
+                })
             }
             Some(_) => {}
         }
@@ -130,7 +136,13 @@ pub fn progress(len: usize, what: &str) -> ProgressBar {
 
 /// Decodes and resizes the samples in parallel. Unreadable files are returned as `skipped`
 /// (path and reason) or, when `strict`, fail the whole load.
-pub fn load(samples: &[Sample], size: usize, prep: &Preprocessing, strict: bool, what: &str) -> Result<(Images, Vec<(PathBuf, String)>), DataError> {
+pub fn load(
+    samples: &[Sample],
+    size: usize,
+    prep: &Preprocessing,
+    strict: bool,
+    what: &str,
+) -> Result<(Images, Vec<(PathBuf, String)>), DataError> {
     let pb = progress(samples.len(), what);
     let decoded: Vec<Result<Vec<u8>, (PathBuf, String)>> = samples
         .par_iter()
@@ -142,7 +154,12 @@ pub fn load(samples: &[Sample], size: usize, prep: &Preprocessing, strict: bool,
         })
         .collect();
     pb.finish_and_clear();
-    let mut images = Images { size, pixels: Vec::with_capacity(samples.len() * size * size * 3), labels: Vec::new(), paths: Vec::new() };
+    let mut images = Images {
+        size,
+        pixels: Vec::with_capacity(samples.len() * size * size * 3),
+        labels: Vec::new(),
+        paths: Vec::new(),
+    };
     let mut skipped = Vec::new();
     for (s, d) in samples.iter().zip(decoded) {
         match d {
@@ -176,7 +193,9 @@ mod tests {
 
     fn png() -> Vec<u8> {
         let mut v = Vec::new();
-        image::RgbImage::from_pixel(4, 3, image::Rgb([200, 10, 10])).write_to(&mut std::io::Cursor::new(&mut v), image::ImageFormat::Png).unwrap();
+        image::RgbImage::from_pixel(4, 3, image::Rgb([200, 10, 10]))
+            .write_to(&mut std::io::Cursor::new(&mut v), image::ImageFormat::Png)
+            .unwrap();
         v
     }
 
@@ -206,7 +225,8 @@ mod tests {
         let p = png();
         let root = tree("missing", &[("train/a", "x.png", &p), ("validation/a", "x.png", &p)]);
         assert!(scan(&root).unwrap_err().to_string().contains("test"));
-        let root2 = tree("mismatch", &[("train/a", "x.png", &p), ("validation/b", "x.png", &p), ("test/a", "x.png", &p)]);
+        let root2 =
+            tree("mismatch", &[("train/a", "x.png", &p), ("validation/b", "x.png", &p), ("test/a", "x.png", &p)]);
         assert!(matches!(scan(&root2).unwrap_err(), DataError::ClassMismatch { .. }));
         let root3 = tree("empty", &[("train/a", "", &[]), ("validation/a", "x.png", &p), ("test/a", "x.png", &p)]);
         let e = scan(&root3).unwrap_err().to_string();

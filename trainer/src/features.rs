@@ -89,7 +89,8 @@ pub fn variant_rng(seed: u64, stream: u64, image: usize, variant: usize) -> ChaC
 pub fn item_input(images: &Images, image: usize, variant: usize, spec: &CacheSpec) -> Vec<f32> {
     let size = images.size;
     if variant == 0 || !spec.augment.enabled {
-        let img = image::RgbImage::from_raw(size as u32, size as u32, images.image(image).to_vec()).expect("image size");
+        let img =
+            image::RgbImage::from_raw(size as u32, size as u32, images.image(image).to_vec()).expect("image size");
         return to_input(&img, spec.prep);
     }
     let mut rng = variant_rng(spec.seed, spec.stream, image, variant);

@@ -165,7 +165,9 @@ fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
 fn device(name: &str) -> anyhow::Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).context("--device cuda: no usable CUDA GPU (or this build lacks the `cuda` feature)"),
+        "cuda" => {
+            Device::new_cuda(0).context("--device cuda: no usable CUDA GPU (or this build lacks the `cuda` feature)")
+        }
         other => anyhow::bail!("--device {other}: expected `cpu` or `cuda`"),
     }
 }
@@ -196,7 +198,12 @@ fn main() -> anyhow::Result<()> {
             let rows = trainer::sweep::sweep(&cfg, &grid, &out, &dev)?;
             print!("{}", std::fs::read_to_string(out.join("sweep.md"))?);
             if let Some(b) = rows.first() {
-                println!("best: {} (validation accuracy {:.4}), weights in {}", b.run, b.val_accuracy, out.join("runs").join(&b.run).display());
+                println!(
+                    "best: {} (validation accuracy {:.4}), weights in {}",
+                    b.run,
+                    b.val_accuracy,
+                    out.join("runs").join(&b.run).display()
+                );
             }
         }
         Cmd::Train(a) => {

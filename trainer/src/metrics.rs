@@ -74,9 +74,21 @@ impl Report {
         let mut w = csv::Writer::from_path(path)?;
         w.write_record(["class", "precision", "recall", "f1", "support"])?;
         for m in &self.per_class {
-            w.write_record([m.class.clone(), format!("{:.6}", m.precision), format!("{:.6}", m.recall), format!("{:.6}", m.f1), m.support.to_string()])?;
+            w.write_record([
+                m.class.clone(),
+                format!("{:.6}", m.precision),
+                format!("{:.6}", m.recall),
+                format!("{:.6}", m.f1),
+                m.support.to_string(),
+            ])?;
         }
-        w.write_record(["macro".into(), String::new(), String::new(), format!("{:.6}", self.macro_f1), self.count.to_string()])?;
+        w.write_record([
+            "macro".into(),
+            String::new(),
+            String::new(),
+            format!("{:.6}", self.macro_f1),
+            self.count.to_string(),
+        ])?;
         w.flush()?;
         Ok(())
     }

@@ -26,7 +26,8 @@ pub struct Optimizer {
 
 impl Optimizer {
     pub fn new(kind: OptimizerKind, vars: Vec<(String, Var)>, weight_decay: f64, momentum: f64) -> Result<Self> {
-        let zeros = |vars: &[(String, Var)]| vars.iter().map(|(_, v)| v.as_tensor().zeros_like()).collect::<Result<Vec<_>>>();
+        let zeros =
+            |vars: &[(String, Var)]| vars.iter().map(|(_, v)| v.as_tensor().zeros_like()).collect::<Result<Vec<_>>>();
         Ok(Self { kind, m: zeros(&vars)?, v: zeros(&vars)?, vars, step: 0, weight_decay, momentum })
     }
 

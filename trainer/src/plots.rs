@@ -74,9 +74,19 @@ pub fn learning_curves(history: &[Epoch], path: &Path) -> Plot {
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2)));
         }
         if let Some(x) = phase2 {
-            chart.draw_series(DashedLineSeries::new([(x, lo - pad), (x, hi + pad)], 6, 4, BLACK.mix(0.5).stroke_width(1)))?;
+            chart.draw_series(DashedLineSeries::new(
+                [(x, lo - pad), (x, hi + pad)],
+                6,
+                4,
+                BLACK.mix(0.5).stroke_width(1),
+            ))?;
         }
-        chart.configure_series_labels().label_font(("sans-serif", 14)).background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        chart
+            .configure_series_labels()
+            .label_font(("sans-serif", 14))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
     }
     root.present()?;
     Ok(())
@@ -92,7 +102,9 @@ pub fn confusion(report: &Report, path: &Path) -> Plot {
     let (left, top) = (130u32, 80u32);
     let root = BitMapBackend::new(path, (left + cell * k as u32 + 30, top + cell * k as u32 + 30)).into_drawing_area();
     root.fill(&WHITE)?;
-    let text = |s: &str, x: u32, y: u32, size: u32| Text::new(s.to_string(), (x as i32, y as i32), ("sans-serif", size).into_font());
+    let text = |s: &str, x: u32, y: u32, size: u32| {
+        Text::new(s.to_string(), (x as i32, y as i32), ("sans-serif", size).into_font())
+    };
     root.draw(&text(&format!("test accuracy {:.4} (rows: true, columns: predicted)", report.accuracy), 10, 10, 18))?;
     for (i, m) in report.per_class.iter().enumerate() {
         root.draw(&text(&m.class, left + i as u32 * cell + 10, top - 28, 16))?;

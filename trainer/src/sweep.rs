@@ -63,7 +63,8 @@ pub fn sweep(base: &TrainConfig, grid: &Grid, out: &Path, dev: &Device) -> anyho
                             let mut c = cfg.clone();
                             // The fine-tuning rate keeps its ratio to the head's.
                             c.fine_tune.lr = base.fine_tune.lr * lr / base.head.lr;
-                            (c.head.lr, c.batch_size, c.seed, c.dropout, c.inner) = (lr, batch_size, seed, dropout, inner);
+                            (c.head.lr, c.batch_size, c.seed, c.dropout, c.inner) =
+                                (lr, batch_size, seed, dropout, inner);
                             c.out = out.join("runs").join(&run);
                             c.validate()?;
                             tracing::info!("sweep run {}: {run}", rows.len() + 1);
@@ -119,7 +120,10 @@ fn write(rows: &[Row], out: &Path) -> anyhow::Result<()> {
     w.flush()?;
     let mut md = String::from("| run | val acc | val macro-F1 | test acc | seconds |\n|---|---|---|---|---|\n");
     for r in &sorted {
-        md += &format!("| {} | {:.4} | {:.4} | {:.4} | {:.0} |\n", r.run, r.val_accuracy, r.val_macro_f1, r.test_accuracy, r.seconds);
+        md += &format!(
+            "| {} | {:.4} | {:.4} | {:.4} | {:.0} |\n",
+            r.run, r.val_accuracy, r.val_macro_f1, r.test_accuracy, r.seconds
+        );
     }
     std::fs::write(out.join("sweep.md"), md)?;
     if let Err(e) = plot(&sorted, &out.join("sweep.png")) {
@@ -154,7 +158,10 @@ fn plot(rows: &[Row], path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .label_style(("sans-serif", 13))
         .draw()?;
     chart.draw_series(rows.iter().enumerate().map(|(i, r)| {
-        Rectangle::new([(lo.max(0.0), SegmentValue::Exact(i)), (r.val_accuracy, SegmentValue::Exact(i + 1))], BLUE.mix(0.6).filled())
+        Rectangle::new(
+            [(lo.max(0.0), SegmentValue::Exact(i)), (r.val_accuracy, SegmentValue::Exact(i + 1))],
+            BLUE.mix(0.6).filled(),
+        )
     }))?;
     root.present()?;
     Ok(())

@@ -77,7 +77,14 @@ struct Trainable {
 
 impl Trainable {
     /// Logits of cached items: from pooled features (phase 1) or from cached maps (phase 2).
-    fn logits(&self, phase: usize, cache: &FeatureCache, items: &[usize], mask: Option<&Tensor>, dev: &Device) -> candle_core::Result<Tensor> {
+    fn logits(
+        &self,
+        phase: usize,
+        cache: &FeatureCache,
+        items: &[usize],
+        mask: Option<&Tensor>,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let f = if phase == 1 {
             cache.pooled_batch(items, dev)?
         } else {
@@ -152,7 +159,13 @@ fn train_phase(
         }
         best = vars
             .iter()
-            .map(|(n, _)| saved.get(&format!("best.{n}")).cloned().map(|t| (n.clone(), t)).with_context(|| format!("checkpoint lacks best `{n}`")))
+            .map(|(n, _)| {
+                saved
+                    .get(&format!("best.{n}"))
+                    .cloned()
+                    .map(|t| (n.clone(), t))
+                    .with_context(|| format!("checkpoint lacks best `{n}`"))
+            })
             .collect::<anyhow::Result<_>>()?;
         opt.load_state(state.opt_step, |k| saved.get(k).cloned())?;
     }
@@ -173,7 +186,9 @@ fn train_phase(
         for batch in items.chunks(cfg.batch_size) {
             let mask = if dropout > 0.0 {
                 let keep = 1.0 - dropout;
-                let m: Vec<f32> = (0..batch.len() * cfg.inner).map(|_| if rng.random_bool(keep) { (1.0 / keep) as f32 } else { 0.0 }).collect();
+                let m: Vec<f32> = (0..batch.len() * cfg.inner)
+                    .map(|_| if rng.random_bool(keep) { (1.0 / keep) as f32 } else { 0.0 })
+                    .collect();
                 Some(Tensor::from_vec(m, (batch.len(), cfg.inner), dev)?)
             } else {
                 None
@@ -228,7 +243,8 @@ fn train_phase(
             tracing::info!("phase {phase}: no better validation accuracy for {} epochs, stopping", pc.patience);
             state.phase_done = true;
         }
-        let mut tensors: Vec<(String, Tensor)> = vars.iter().map(|(n, v)| (format!("var.{n}"), v.as_tensor().clone())).collect();
+        let mut tensors: Vec<(String, Tensor)> =
+            vars.iter().map(|(n, v)| (format!("var.{n}"), v.as_tensor().clone())).collect();
         tensors.extend(best.iter().map(|(n, t)| (format!("best.{n}"), t.clone())));
         tensors.extend(opt.state());
         checkpoint::save(ckpt, state, &tensors)?;
@@ -256,7 +272,8 @@ pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
     let prep = Preprocessing::default();
     let mut images: Vec<Images> = Vec::new();
     for (i, split) in SPLITS.iter().enumerate() {
-        let (imgs, skipped) = data::load(&ds.splits[i], cfg.image_size, &prep, cfg.strict, &format!("loading {split}"))?;
+        let (imgs, skipped) =
+            data::load(&ds.splits[i], cfg.image_size, &prep, cfg.strict, &format!("loading {split}"))?;
         if !skipped.is_empty() {
             tracing::warn!("{split}: skipped {} unreadable images:", skipped.len());
             for (p, why) in &skipped {
@@ -267,9 +284,15 @@ pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
     }
     tracing::info!(
         "{}: classes {:?}; {} / {} / {} images; {} px",
-        cfg.data.display(), ds.classes, images[0].len(), images[1].len(), images[2].len(), cfg.image_size
+        cfg.data.display(),
+        ds.classes,
+        images[0].len(),
+        images[1].len(),
+        images[2].len(),
+        cfg.image_size
     );
-    let base_dir = ModelDir::load(&cfg.base, dev).with_context(|| format!("loading the base model {}", cfg.base.display()))?;
+    let base_dir =
+        ModelDir::load(&cfg.base, dev).with_context(|| format!("loading the base model {}", cfg.base.display()))?;
     let frozen = Xception::new(base_dir.var_builder(dev), XceptionOptions::default())?;
     let upto = cache_upto(cfg);
     let tc = Instant::now();
@@ -317,7 +340,10 @@ pub fn run(cfg: &TrainConfig, resume: bool, dev: &Device) -> anyhow::Result<Outc
     if resume && ckpt_path.exists() {
         let saved = std::fs::read_to_string(&config_path).unwrap_or_default();
         if saved != cfg.to_toml() {
-            bail!("{}: the run was started with another configuration; resume with the same flags or config", config_path.display());
+            bail!(
+                "{}: the run was started with another configuration; resume with the same flags or config",
+                config_path.display()
+            );
         }
         resumed = Some(checkpoint::load(&ckpt_path, dev)?);
         tracing::info!("resuming from {}", ckpt_path.display());
@@ -332,7 +358,12 @@ pub fn run(cfg: &TrainConfig, resume: bool, dev: &Device) -> anyhow::Result<Outc
 }
 
 /// Trains on prepared caches (both phases) and writes the run directory `cfg.out`.
-pub fn train_prepared(cfg: &TrainConfig, p: &Prepared, resumed: Option<(TrainState, HashMap<String, Tensor>)>, dev: &Device) -> anyhow::Result<Outcome> {
+pub fn train_prepared(
+    cfg: &TrainConfig,
+    p: &Prepared,
+    resumed: Option<(TrainState, HashMap<String, Tensor>)>,
+    dev: &Device,
+) -> anyhow::Result<Outcome> {
     let t0 = Instant::now();
     let out = &cfg.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -364,7 +395,8 @@ pub fn train_prepared(cfg: &TrainConfig, p: &Prepared, resumed: Option<(TrainSta
     let vars: HashMap<String, Var> = varmap.data().lock().expect("varmap lock").clone();
     let t = Trainable { base, head, from: cfg.fine_tune_from, vars };
     let pick = |f: &dyn Fn(&str) -> bool| -> Vec<(String, Var)> {
-        let mut v: Vec<(String, Var)> = t.vars.iter().filter(|(k, _)| f(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut v: Vec<(String, Var)> =
+            t.vars.iter().filter(|(k, _)| f(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     };
@@ -372,7 +404,9 @@ pub fn train_prepared(cfg: &TrainConfig, p: &Prepared, resumed: Option<(TrainSta
     // Batch-norm statistics stay fixed (inference mode); gamma and beta train, as in Keras.
     let ft_vars = pick(&|k: &str| {
         k.starts_with("head_")
-            || (block_of(k).is_some_and(|b| b >= cfg.fine_tune_from) && !k.ends_with("moving_mean") && !k.ends_with("moving_variance"))
+            || (block_of(k).is_some_and(|b| b >= cfg.fine_tune_from)
+                && !k.ends_with("moving_mean")
+                && !k.ends_with("moving_variance"))
     });
 
     let (mut state, saved) = match resumed {
@@ -422,7 +456,12 @@ pub fn train_prepared(cfg: &TrainConfig, p: &Prepared, resumed: Option<(TrainSta
     };
     let tensors: Vec<(String, Tensor)> = expected_tensors(&description)
         .iter()
-        .map(|s| Ok((s.name.clone(), t.vars.get(&s.name).with_context(|| format!("no variable {}", s.name))?.as_tensor().clone())))
+        .map(|s| {
+            Ok((
+                s.name.clone(),
+                t.vars.get(&s.name).with_context(|| format!("no variable {}", s.name))?.as_tensor().clone(),
+            ))
+        })
         .collect::<anyhow::Result<_>>()?;
     write_model_files(out, &description, &tensors)?;
     std::fs::write(out.join("metrics.json"), serde_json::to_string_pretty(&metrics_json)?)?;

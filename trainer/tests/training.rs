@@ -47,7 +47,15 @@ fn base() -> PathBuf {
 }
 
 fn small_config(data: &Path, out: &Path) -> TrainConfig {
-    let mut c = TrainConfig { data: data.into(), base: base(), out: out.into(), image_size: 71, variants: 2, fine_tune_from: 14, ..Default::default() };
+    let mut c = TrainConfig {
+        data: data.into(),
+        base: base(),
+        out: out.into(),
+        image_size: 71,
+        variants: 2,
+        fine_tune_from: 14,
+        ..Default::default()
+    };
     c.head.epochs = 4;
     c.head.patience = 0;
     // Enough phase-2 epochs for the kill below to land in the middle of phase 2.
@@ -120,18 +128,28 @@ fn cached_path_equals_direct_forward() {
     assert_eq!(desc.classes, ["boot", "sandal", "shoe"]);
     let ds = trainer::data::scan(&data).unwrap();
     let (imgs, _) = trainer::data::load(&ds.splits[2], 71, &desc.preprocessing, true, "test").unwrap();
-    let spec = trainer::features::CacheSpec { variants: 1, augment: &cfg.augment, seed: 1, stream: 2, upto: 13, batch: 5, prep: &desc.preprocessing };
+    let spec = trainer::features::CacheSpec {
+        variants: 1,
+        augment: &cfg.augment,
+        seed: 1,
+        stream: 2,
+        upto: 13,
+        batch: 5,
+        prep: &desc.preprocessing,
+    };
     // The cache is built with the frozen ImageNet base: blocks 1-13 are frozen in this run.
     let frozen = Classifier::load(&base(), &Device::Cpu).unwrap().0;
     let cache = trainer::features::build(&frozen.base, &imgs, &spec, "cache", &Device::Cpu).unwrap();
     let items: Vec<usize> = (0..cache.n).collect();
     let maps = cache.maps_batch(&items, &Device::Cpu).unwrap();
     let top = model.base.forward_blocks(&maps, 14, 14, &mut |_, _| {}).unwrap();
-    let cached = model.head.as_ref().unwrap().forward_masked(&models::xception::global_avg_pool(&top).unwrap(), None).unwrap();
+    let cached =
+        model.head.as_ref().unwrap().forward_masked(&models::xception::global_avg_pool(&top).unwrap(), None).unwrap();
     let pixels: Vec<f32> = (0..imgs.len()).flat_map(|i| trainer::features::item_input(&imgs, i, 0, &spec)).collect();
     let x = Tensor::from_vec(pixels, (imgs.len(), 71, 71, 3), &Device::Cpu).unwrap();
     let direct = model.forward_t(&x, false).unwrap();
-    let d = (cached - direct).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let d =
+        (cached - direct).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(d < 1e-4, "cached and direct logits differ by {d}");
     std::fs::remove_dir_all(out).unwrap();
     std::fs::remove_dir_all(data).unwrap();

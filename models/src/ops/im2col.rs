@@ -155,7 +155,8 @@ mod tests {
         let (_, ph) = padding.resolve(h, kh, stride)?;
         let (_, pw) = padding.resolve(w, kw, stride)?;
         let xp = x.pad_with_zeros(1, ph.before, ph.after)?.pad_with_zeros(2, pw.before, pw.after)?;
-        let y = xp.permute((0, 3, 1, 2))?.contiguous()?.conv2d(&k.permute((3, 2, 0, 1))?.contiguous()?, 0, stride, 1, 1)?;
+        let y =
+            xp.permute((0, 3, 1, 2))?.contiguous()?.conv2d(&k.permute((3, 2, 0, 1))?.contiguous()?, 0, stride, 1, 1)?;
         y.permute((0, 2, 3, 1))
     }
 

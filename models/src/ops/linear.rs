@@ -23,7 +23,15 @@ impl CustomOp3 for Linear {
         "linear_bias"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
         let (x, w, b) = (contiguous_f32(s1, l1, op)?, contiguous_f32(s2, l2, op)?, contiguous_f32(s3, l3, op)?);
         let (m, k, n) = match (l1.dims(), l2.dims(), l3.dims()) {
@@ -35,9 +43,11 @@ impl CustomOp3 for Linear {
         let mut out: Vec<f32> = Vec::with_capacity(m * n);
         if n > 0 {
             out.spare_capacity_mut()[..m * n].par_chunks_mut(n * 16).for_each(|rows| {
-                rows.chunks_mut(n).for_each(|r| r.iter_mut().zip(b).for_each(|(o, b)| {
-                    o.write(*b);
-                }))
+                rows.chunks_mut(n).for_each(|r| {
+                    r.iter_mut().zip(b).for_each(|(o, b)| {
+                        o.write(*b);
+                    })
+                })
             });
         }
         // SAFETY: every one of the m rows of n elements was written just above.
@@ -49,11 +59,25 @@ impl CustomOp3 for Linear {
             // above, and `out` does not alias the inputs.
             unsafe {
                 gemm::gemm(
-                    m, n, k,
-                    out.as_mut_ptr(), 1, n as isize, true,
-                    x.as_ptr(), 1, k as isize,
-                    w.as_ptr(), 1, n as isize,
-                    1.0, 1.0, false, false, false, par,
+                    m,
+                    n,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    true,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr(),
+                    1,
+                    n as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
                 );
             }
         }
@@ -63,7 +87,14 @@ impl CustomOp3 for Linear {
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = if self.relu { grad.mul(&res.gt(0f32)?.to_dtype(grad.dtype())?)? } else { grad.clone() };
         let gx = g.matmul(&w.t()?)?;
         let gw = x.t()?.matmul(&g)?;
@@ -82,7 +113,8 @@ mod tests {
     fn matches_candle_ops() -> Result<()> {
         let dev = Device::Cpu;
         for (m, k, n) in [(1, 3, 2), (37, 64, 19), (200, 33, 128)] {
-            let (x, w, b) = (rand_tensor(&[m, k], 1, &dev)?, rand_tensor(&[k, n], 2, &dev)?, rand_tensor(&[n], 3, &dev)?);
+            let (x, w, b) =
+                (rand_tensor(&[m, k], 1, &dev)?, rand_tensor(&[k, n], 2, &dev)?, rand_tensor(&[n], 3, &dev)?);
             let want = x.matmul(&w)?.broadcast_add(&b)?;
             for relu in [false, true] {
                 let want = if relu { want.relu()? } else { want.clone() };
