@@ -92,6 +92,8 @@ pub struct TrainConfig {
     pub strict: bool,
     /// Name written into the model description.
     pub name: String,
+    /// Folder for feature caches on disk (reused by later runs and by `--resume`); empty: memory only.
+    pub feature_cache: PathBuf,
 }
 
 impl Default for TrainConfig {
@@ -113,6 +115,7 @@ impl Default for TrainConfig {
             fine_tune: PhaseConfig { epochs: 8, lr: 1e-4, patience: 3, weight_decay: 1e-4, ..PhaseConfig::default() },
             strict: false,
             name: "footwear".into(),
+            feature_cache: "runs/feature-cache".into(),
         }
     }
 }

@@ -98,6 +98,83 @@ pub fn item_input(images: &Images, image: usize, variant: usize, spec: &CacheSpe
     to_input(&image::RgbImage::from_raw(size as u32, size as u32, px).expect("image size"), spec.prep)
 }
 
+/// The key of a cache on disk: everything its contents depend on.
+pub fn disk_key(images: &Images, spec: &CacheSpec, base_weights: &std::path::Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let stamp = |p: &std::path::Path| {
+        let m = std::fs::metadata(p).ok();
+        let len = m.as_ref().map(|m| m.len()).unwrap_or(0);
+        let mtime = m.and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        format!("{}|{len}|{mtime:?}", p.display())
+    };
+    for p in &images.paths {
+        h.update(stamp(p));
+    }
+    h.update(stamp(base_weights));
+    h.update(format!(
+        "{}|{}|{}|{}|{}|{}|{:?}|{:?}",
+        images.size,
+        spec.variants,
+        spec.seed,
+        spec.stream,
+        spec.upto,
+        images.len(),
+        spec.augment,
+        spec.prep
+    ));
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Header of a cache saved on disk (beside two raw little-endian f32 files).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DiskHeader {
+    n: usize,
+    variants: usize,
+    map_dims: [usize; 3],
+    labels: Vec<u32>,
+}
+
+fn read_f32(path: &std::path::Path, len: usize) -> std::io::Result<Vec<f32>> {
+    use std::io::Read;
+    let mut v = vec![0f32; len];
+    let mut f = std::fs::File::open(path)?;
+    f.read_exact(bytemuck::cast_slice_mut(&mut v))?;
+    Ok(v)
+}
+
+/// Loads a cache saved by [`save`] under `dir/key`, if present and complete.
+pub fn load(dir: &std::path::Path, key: &str) -> Option<FeatureCache> {
+    let header: DiskHeader = serde_json::from_slice(&std::fs::read(dir.join(format!("{key}.json"))).ok()?).ok()?;
+    let items = header.n * header.variants;
+    let maps =
+        read_f32(&dir.join(format!("{key}.maps.f32")), items * header.map_dims.iter().product::<usize>()).ok()?;
+    let pooled = read_f32(&dir.join(format!("{key}.pooled.f32")), items * models::layers::FEATURES).ok()?;
+    Some(FeatureCache {
+        n: header.n,
+        variants: header.variants,
+        map_dims: header.map_dims,
+        maps,
+        pooled,
+        labels: header.labels,
+    })
+}
+
+/// Saves a cache under `dir/key`: data files first, the header last, each written to a
+/// temporary name and renamed, so a killed run never leaves a cache that looks complete.
+pub fn save(dir: &std::path::Path, key: &str, c: &FeatureCache) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let write = |name: String, bytes: &[u8]| -> std::io::Result<()> {
+        let tmp = dir.join(format!("{name}.tmp"));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(tmp, dir.join(name))
+    };
+    write(format!("{key}.maps.f32"), bytemuck::cast_slice(&c.maps))?;
+    write(format!("{key}.pooled.f32"), bytemuck::cast_slice(&c.pooled))?;
+    let header = DiskHeader { n: c.n, variants: c.variants, map_dims: c.map_dims, labels: c.labels.clone() };
+    write(format!("{key}.json"), &serde_json::to_vec(&header).expect("header serialises"))
+}
+
 /// Runs the frozen blocks over every item of `images` and caches their outputs.
 pub fn build(base: &Xception, images: &Images, spec: &CacheSpec, what: &str, dev: &Device) -> Result<FeatureCache> {
     let (n, size) = (images.len(), images.size);

@@ -307,7 +307,20 @@ pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
             batch: 32,
             prep: &prep,
         };
-        caches.push(features::build(&frozen, &images[i], &spec, &format!("features {split}"), dev)?);
+        let key = features::disk_key(&images[i], &spec, &cfg.base.join(modelspec::WEIGHTS_FILE));
+        let disk = (!cfg.feature_cache.as_os_str().is_empty()).then_some(&cfg.feature_cache);
+        if let Some(c) = disk.and_then(|d| features::load(d, &key)) {
+            tracing::info!("{split}: feature cache read from {}", cfg.feature_cache.display());
+            caches.push(c);
+            continue;
+        }
+        let c = features::build(&frozen, &images[i], &spec, &format!("features {split}"), dev)?;
+        if let Some(d) = disk {
+            if let Err(e) = features::save(d, &key, &c) {
+                tracing::warn!("{}: cannot save the feature cache: {e}", d.display());
+            }
+        }
+        caches.push(c);
     }
     let caches: [FeatureCache; 3] = caches.try_into().map_err(|_| anyhow::anyhow!("three splits"))?;
     let cached: usize = caches.iter().map(|c| c.items()).sum();

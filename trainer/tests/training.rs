@@ -54,6 +54,7 @@ fn small_config(data: &Path, out: &Path) -> TrainConfig {
         image_size: 71,
         variants: 2,
         fine_tune_from: 14,
+        feature_cache: out.parent().unwrap().join("feature-cache"),
         ..Default::default()
     };
     c.head.epochs = 4;
@@ -78,6 +79,8 @@ fn same_seed_same_result_and_resume_after_sigkill() {
     let (a, b, k) = (root.join("a"), root.join("b"), root.join("killed"));
     trainer::train::run(&small_config(&data, &a), false, &Device::Cpu).unwrap();
     trainer::train::run(&small_config(&data, &b), false, &Device::Cpu).unwrap();
+    // Run b read its features from the disk cache that run a wrote.
+    assert!(std::fs::read_dir(root.join("feature-cache")).unwrap().count() >= 9);
     let (ra, rb) = (results(&a), results(&b));
     assert_eq!(ra.0, rb.0, "same seed, different metrics");
     assert!(ra.1 == rb.1, "same seed, different weights");
