@@ -13,15 +13,15 @@ pub struct AugmentConfig {
     /// Mirror left-right with probability 1/2.
     pub flip: bool,
     /// Zoom factor drawn from [1 - zoom, 1 + zoom], per axis.
-    pub zoom: f32,
+    pub zoom: f64,
     /// Shear angle drawn from [-shear, shear], degrees.
-    pub shear: f32,
+    pub shear: f64,
     /// Rotation angle drawn from [-rotation, rotation], degrees.
-    pub rotation: f32,
+    pub rotation: f64,
     /// Brightness shift drawn from [-brightness, brightness], as a fraction of full scale.
-    pub brightness: f32,
+    pub brightness: f64,
     /// Contrast factor drawn from [1 - contrast, 1 + contrast].
-    pub contrast: f32,
+    pub contrast: f64,
 }
 
 impl Default for AugmentConfig {
@@ -42,11 +42,11 @@ fn sym(rng: &mut impl Rng, r: f32) -> f32 {
 pub fn augment(img: &[u8], size: usize, cfg: &AugmentConfig, rng: &mut impl Rng) -> Vec<u8> {
     assert_eq!(img.len(), size * size * 3, "augment: image is not {size}x{size} RGB");
     let flip = cfg.flip && rng.random_bool(0.5);
-    let (zx, zy) = (1.0 + sym(rng, cfg.zoom), 1.0 + sym(rng, cfg.zoom));
-    let shear = sym(rng, cfg.shear).to_radians();
-    let theta = sym(rng, cfg.rotation).to_radians();
-    let brightness = sym(rng, cfg.brightness) * 255.0;
-    let contrast = 1.0 + sym(rng, cfg.contrast);
+    let (zx, zy) = (1.0 + sym(rng, cfg.zoom as f32), 1.0 + sym(rng, cfg.zoom as f32));
+    let shear = sym(rng, cfg.shear as f32).to_radians();
+    let theta = sym(rng, cfg.rotation as f32).to_radians();
+    let brightness = sym(rng, cfg.brightness as f32) * 255.0;
+    let contrast = 1.0 + sym(rng, cfg.contrast as f32);
     // Output pixel p (centred) reads source pixel M·p: M = R(θ) · Shear · Zoom · Flip.
     let (c, s) = (theta.cos(), theta.sin());
     let (sh_c, sh_t) = (shear.cos(), shear.sin());

@@ -76,7 +76,7 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Width of the head's hidden layer.
     pub inner: usize,
-    pub dropout: f32,
+    pub dropout: f64,
     /// L2 penalty on the head's kernels (added to the loss, as Keras' kernel_regularizer).
     pub l2: f64,
     /// First block trained in phase 2 (13 = exit flow; 15 = no fine-tuning).

@@ -43,7 +43,7 @@ struct SweepArgs {
     #[arg(long, value_delimiter = ',')]
     seeds: Vec<u64>,
     #[arg(long, value_delimiter = ',')]
-    dropouts: Vec<f32>,
+    dropouts: Vec<f64>,
     #[arg(long, value_delimiter = ',')]
     inners: Vec<usize>,
     #[arg(long, value_delimiter = ',')]
@@ -75,7 +75,7 @@ struct TrainArgs {
     #[arg(long)]
     inner: Option<usize>,
     #[arg(long)]
-    dropout: Option<f32>,
+    dropout: Option<f64>,
     /// First block fine-tuned in phase 2 (13: exit flow; 15: none).
     #[arg(long)]
     fine_tune_from: Option<usize>,

@@ -16,7 +16,7 @@ pub struct Grid {
     pub lr: Vec<f64>,
     pub batch_size: Vec<usize>,
     pub seed: Vec<u64>,
-    pub dropout: Vec<f32>,
+    pub dropout: Vec<f64>,
     pub inner: Vec<usize>,
     pub image_size: Vec<usize>,
 }
@@ -29,7 +29,7 @@ pub struct Row {
     pub lr: f64,
     pub batch_size: usize,
     pub seed: u64,
-    pub dropout: f32,
+    pub dropout: f64,
     pub inner: usize,
     pub val_accuracy: f64,
     pub val_macro_f1: f64,

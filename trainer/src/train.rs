@@ -170,7 +170,7 @@ fn train_phase(
         opt.load_state(state.opt_step, |k| saved.get(k).cloned())?;
     }
     let train = &caches[0];
-    let dropout = cfg.dropout as f64;
+    let dropout = cfg.dropout;
     for epoch in state.next_epoch..pc.epochs {
         if state.phase_done {
             break;
@@ -388,7 +388,7 @@ pub fn train_prepared(
     }
     // The trainable network: base variables from the ImageNet weights, a seeded new head.
     let classes = p.classes.len();
-    let head_cfg = Head { inner: cfg.inner, dropout: cfg.dropout, classes };
+    let head_cfg = Head { inner: cfg.inner, dropout: cfg.dropout as f32, classes };
     let varmap = VarMap::new();
     {
         let mut data = varmap.data().lock().expect("varmap lock");
