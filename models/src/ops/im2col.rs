@@ -3,7 +3,7 @@
 //! a matrix as it lies in memory. Used by Xception's two stem convolutions and its strided 1x1
 //! shortcut convolutions (where it is a plain subsampling).
 
-use super::{contiguous_f32, nhwc, AxisPad, Padding};
+use super::{contiguous_f32, window_geom, AxisPad, Geom, Padding};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -40,24 +40,9 @@ pub struct Im2Col {
     pub pad_w: AxisPad,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Geom {
-    n: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-    oh: usize,
-    ow: usize,
-}
-
 impl Im2Col {
     fn geom(&self, l: &Layout, op: &str) -> Result<Geom> {
-        let (n, h, w, c) = nhwc(l, op)?;
-        let (ph, pw) = (h + self.pad_h.before + self.pad_h.after, w + self.pad_w.before + self.pad_w.after);
-        if ph < self.kh || pw < self.kw || self.stride == 0 {
-            candle_core::bail!("{op}: {h}x{w} input is smaller than the {}x{} kernel", self.kh, self.kw)
-        }
-        Ok(Geom { n, h, w, c, oh: (ph - self.kh) / self.stride + 1, ow: (pw - self.kw) / self.stride + 1 })
+        window_geom(l, (self.kh, self.kw), self.stride, self.pad_h, self.pad_w, op)
     }
 
     /// Input index of tap `k` of output position `o` on an axis, if inside the image.

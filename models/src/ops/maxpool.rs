@@ -3,7 +3,7 @@
 //! Candle's `max_pool2d` has no padding and no backward when the kernel differs from the stride;
 //! Xception pools 3x3 with stride 2 and 'same' padding in four places.
 
-use super::{contiguous_f32, nhwc, simd_fn, AxisPad, Padding};
+use super::{contiguous_f32, simd_fn, window_geom, AxisPad, Geom, Padding};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -24,27 +24,12 @@ pub struct MaxPool2d {
     pub pad_w: AxisPad,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Geom {
-    n: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-    oh: usize,
-    ow: usize,
-}
-
 impl MaxPool2d {
     fn geom(&self, l: &Layout, op: &str) -> Result<Geom> {
-        let (n, h, w, c) = nhwc(l, op)?;
-        if self.pad_h.before >= self.k || self.pad_w.before >= self.k || self.stride == 0 {
-            candle_core::bail!("{op}: padding must be smaller than the window, stride positive")
+        if self.pad_h.before >= self.k || self.pad_w.before >= self.k {
+            candle_core::bail!("{op}: padding must be smaller than the window")
         }
-        let (ph, pw) = (h + self.pad_h.before + self.pad_h.after, w + self.pad_w.before + self.pad_w.after);
-        if ph < self.k || pw < self.k {
-            candle_core::bail!("{op}: {h}x{w} input is smaller than the {0}x{0} window", self.k)
-        }
-        Ok(Geom { n, h, w, c, oh: (ph - self.k) / self.stride + 1, ow: (pw - self.k) / self.stride + 1 })
+        window_geom(l, (self.k, self.k), self.stride, self.pad_h, self.pad_w, op)
     }
 
     /// The input positions of the window of output position `o` along one axis.

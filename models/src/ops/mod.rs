@@ -52,6 +52,34 @@ impl Padding {
     }
 }
 
+/// Sizes of a sliding-window op on NHWC data: input N, H, W, C and output OH, OW.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geom {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+/// The geometry of a `kh`x`kw` window with `stride` and explicit padding over the NHWC `l`.
+pub(crate) fn window_geom(
+    l: &Layout,
+    (kh, kw): (usize, usize),
+    stride: usize,
+    pad_h: AxisPad,
+    pad_w: AxisPad,
+    op: &str,
+) -> Result<Geom> {
+    let (n, h, w, c) = nhwc(l, op)?;
+    let (ph, pw) = (h + pad_h.before + pad_h.after, w + pad_w.before + pad_w.after);
+    if ph < kh || pw < kw || stride == 0 {
+        candle_core::bail!("{op}: {h}x{w} input is smaller than the {kh}x{kw} window (or stride 0)")
+    }
+    Ok(Geom { n, h, w, c, oh: (ph - kh) / stride + 1, ow: (pw - kw) / stride + 1 })
+}
+
 /// The f32 contents of a contiguous CPU tensor, or an error naming the op.
 pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let data = match s {
