@@ -41,7 +41,7 @@ impl Classifier {
 
 impl ModuleT for Classifier {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let f = global_avg_pool(&self.base.forward_with_taps(x, &mut |_, _| {})?)?;
+        let f = self.features(x).map_err(candle_core::Error::wrap)?;
         match &self.head {
             Some(h) => h.forward_t(&f, train),
             None => Ok(f),
