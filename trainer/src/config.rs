@@ -43,6 +43,9 @@ pub struct PhaseConfig {
     pub weight_decay: f64,
     /// SGD momentum.
     pub momentum: f64,
+    /// Exponential moving average of the weights, per step (0: off; e.g. 0.998). Validation,
+    /// early stopping and the saved model use the averaged weights.
+    pub ema: f64,
 }
 
 impl Default for PhaseConfig {
@@ -56,6 +59,7 @@ impl Default for PhaseConfig {
             patience: 5,
             weight_decay: 0.0,
             momentum: 0.9,
+            ema: 0.0,
         }
     }
 }
@@ -79,6 +83,8 @@ pub struct TrainConfig {
     pub dropout: f64,
     /// L2 penalty on the head's kernels (added to the loss, as Keras' kernel_regularizer).
     pub l2: f64,
+    /// Label smoothing of the training loss (0: plain cross-entropy).
+    pub label_smoothing: f64,
     /// First block trained in phase 2 (13 = exit flow; 15 = no fine-tuning).
     pub fine_tune_from: usize,
     /// Variants of each training image in the feature cache: the original plus augmented ones.
@@ -108,6 +114,7 @@ impl Default for TrainConfig {
             inner: 100,
             dropout: 0.2,
             l2: 1e-4,
+            label_smoothing: 0.0,
             fine_tune_from: 13,
             variants: 3,
             augment: AugmentConfig::default(),
@@ -155,6 +162,14 @@ impl TrainConfig {
         }
         if self.variants == 0 {
             return bad("variants", "at least 1 (the original image)".into());
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return bad("label_smoothing", format!("{} is not in [0, 1)", self.label_smoothing));
+        }
+        for (field, pc) in [("head.ema", &self.head), ("fine_tune.ema", &self.fine_tune)] {
+            if !(0.0..1.0).contains(&pc.ema) {
+                return bad(field, format!("{} is not in [0, 1)", pc.ema));
+            }
         }
         if self.inner == 0 {
             return bad("inner", "must be positive".into());

@@ -97,6 +97,12 @@ struct TrainArgs {
     /// Learning rate of phase 2.
     #[arg(long)]
     fine_tune_lr: Option<f64>,
+    /// Label smoothing of the training loss.
+    #[arg(long)]
+    label_smoothing: Option<f64>,
+    /// Per-step moving average of the weights in phase 2 (0: off, e.g. 0.998).
+    #[arg(long)]
+    fine_tune_ema: Option<f64>,
     /// Optimiser of both phases.
     #[arg(long, value_enum)]
     optimizer: Option<OptimizerKind>,
@@ -143,6 +149,8 @@ fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     set!(head.lr = a.head_lr);
     set!(fine_tune.epochs = a.fine_tune_epochs);
     set!(fine_tune.lr = a.fine_tune_lr);
+    set!(fine_tune.ema = a.fine_tune_ema);
+    set!(label_smoothing = a.label_smoothing);
     for p in [&mut c.head, &mut c.fine_tune] {
         if let Some(o) = a.optimizer {
             p.optimizer = o;

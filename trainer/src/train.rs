@@ -115,6 +115,27 @@ impl Trainable {
     }
 }
 
+/// Cross-entropy with label smoothing `eps`: the target puts 1 - eps on the label and spreads eps
+/// over every class, as Keras' `label_smoothing`.
+fn smoothed_cross_entropy(logits: &Tensor, labels: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if eps == 0.0 {
+        return candle_nn::loss::cross_entropy(logits, labels);
+    }
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let nll = logp.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+    let uniform = logp.mean(D::Minus1)?.neg()?;
+    ((nll * (1.0 - eps))? + (uniform * eps)?)?.mean_all()
+}
+
+/// Sets each variable to the tensor of the same position, returning the values it had.
+fn swap_in(vars: &[(String, Var)], values: &[(String, Tensor)]) -> candle_core::Result<Vec<(String, Tensor)>> {
+    let old = snapshot(vars)?;
+    for ((_, var), (_, t)) in vars.iter().zip(values) {
+        var.set(t)?;
+    }
+    Ok(old)
+}
+
 fn fresh_state(phase: usize, history: Vec<Epoch>) -> TrainState {
     TrainState {
         phase,
@@ -169,6 +190,13 @@ fn train_phase(
             .collect::<anyhow::Result<_>>()?;
         opt.load_state(state.opt_step, |k| saved.get(k).cloned())?;
     }
+    // The moving average of the weights (when on) starts from the phase's initial weights.
+    let mut ema = if pc.ema > 0.0 { Some(snapshot(&vars)?) } else { None };
+    if let (Some(e), Some(saved)) = (ema.as_mut(), resumed) {
+        for (n, t) in e.iter_mut() {
+            *t = saved.get(&format!("ema.{n}")).cloned().with_context(|| format!("checkpoint lacks ema `{n}`"))?;
+        }
+    }
     let train = &caches[0];
     let dropout = cfg.dropout;
     for epoch in state.next_epoch..pc.epochs {
@@ -195,16 +223,26 @@ fn train_phase(
             };
             let logits = t.logits(phase, train, batch, mask.as_ref(), dev)?;
             let labels = train.labels_batch(batch, dev)?;
-            let ce = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            let ce = smoothed_cross_entropy(&logits, &labels, cfg.label_smoothing)?;
             let loss = (&ce + (t.l2()? * cfg.l2)?)?;
             let grads = loss.backward()?;
             opt.step(&grads, lr)?;
+            if let Some(e) = ema.as_mut() {
+                for ((_, avg), (_, var)) in e.iter_mut().zip(&vars) {
+                    *avg = ((&*avg * pc.ema)? + (var.as_tensor().detach() * (1.0 - pc.ema))?)?;
+                }
+            }
             loss_sum += ce.to_scalar::<f32>()? as f64 * batch.len() as f64;
             let p = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
             correct += p.iter().zip(batch).filter(|(p, &i)| **p == train.labels[i]).count();
             pb.inc(batch.len() as u64);
         }
         pb.finish_and_clear();
+        // Validation (and the best snapshot) with the averaged weights when averaging is on.
+        let raw = match &ema {
+            Some(e) => Some(swap_in(&vars, e)?),
+            None => None,
+        };
         let (val_loss, val_acc, _) = t.evaluate(phase, &caches[1], dev)?;
         let e = Epoch {
             phase,
@@ -227,6 +265,9 @@ fn train_phase(
         } else {
             state.since_best += 1;
         }
+        if let Some(raw) = raw {
+            swap_in(&vars, &raw)?;
+        }
         if pc.schedule == Schedule::ReduceOnPlateau {
             if val_loss < state.plateau_best - 1e-4 {
                 (state.plateau_best, state.plateau_wait) = (val_loss, 0);
@@ -247,6 +288,9 @@ fn train_phase(
             vars.iter().map(|(n, v)| (format!("var.{n}"), v.as_tensor().clone())).collect();
         tensors.extend(best.iter().map(|(n, t)| (format!("best.{n}"), t.clone())));
         tensors.extend(opt.state());
+        if let Some(e) = &ema {
+            tensors.extend(e.iter().map(|(n, t)| (format!("ema.{n}"), t.clone())));
+        }
         checkpoint::save(ckpt, state, &tensors)?;
     }
     // Early stopping restores the best epoch's variables.
