@@ -5,6 +5,7 @@
 //! for every step of images → trainer → weights → exporter → .onnx → runtime. This crate has no
 //! heavy dependencies so that the runtime can use it without linking Candle.
 
+pub mod onnx_meta;
 pub mod preprocess;
 
 use serde::{Deserialize, Serialize};

@@ -175,6 +175,31 @@ pub fn load(
     Ok((images, skipped))
 }
 
+/// A small image folder for quick trials and tests: symbolic links to the first `per_class`
+/// photos (sorted by name) of every class and split of `src`, created under `dst`.
+pub fn link_subset(src: &Path, dst: &Path, per_class: usize) -> std::io::Result<()> {
+    for split in SPLITS {
+        let mut classes: Vec<_> = std::fs::read_dir(src.join(split))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        classes.sort();
+        for from in classes {
+            let to = dst.join(split).join(from.file_name().expect("a folder name"));
+            std::fs::create_dir_all(&to)?;
+            let mut files: Vec<_> = std::fs::read_dir(&from)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            files.sort();
+            for f in files.into_iter().take(per_class) {
+                let link = to.join(f.file_name().expect("a file name"));
+                if !link.exists() {
+                    std::os::unix::fs::symlink(std::fs::canonicalize(&f)?, link)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

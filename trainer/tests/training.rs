@@ -22,20 +22,8 @@ fn tmp(name: &str) -> PathBuf {
 
 /// A small image folder: symlinks to the first `per_class` photos of each class and split.
 fn small_footwear(per_class: usize, name: &str) -> PathBuf {
-    let src = repo().join("../shared/data/footwear");
     let dst = tmp(name);
-    for split in ["train", "validation", "test"] {
-        for class in ["boot", "sandal", "shoe"] {
-            let from = src.join(split).join(class);
-            let to = dst.join(split).join(class);
-            std::fs::create_dir_all(&to).unwrap();
-            let mut files: Vec<_> = std::fs::read_dir(&from).unwrap().map(|e| e.unwrap().path()).collect();
-            files.sort();
-            for f in files.into_iter().take(per_class) {
-                std::os::unix::fs::symlink(&f, to.join(f.file_name().unwrap())).unwrap();
-            }
-        }
-    }
+    trainer::data::link_subset(&repo().join("../shared/data/footwear"), &dst, per_class).unwrap();
     dst
 }
 

@@ -1,0 +1,351 @@
+//! The ONNX graph of a model directory, built node by node from the same block list as the
+//! Candle network ([`models::layers::blocks`]).
+//!
+//! - Input `image`: uint8 [N, size, size, 3], the decoded and resized RGB image; the graph casts
+//!   it, scales it to [-1, 1] and transposes it to NCHW, so a runtime only decodes and resizes.
+//! - Every convolution has its batch-norm folded in (`w·s`, `β − μ·s`, `s = γ/√(σ²+ε)`, as the
+//!   Candle model folds them); depthwise convolutions are `Conv` with `group = channels`.
+//! - 'same' max-pooling is `Pad` (reflect) + `MaxPool`: for a 3x3 window padded by one, the
+//!   reflected row is always inside the window already, so the maximum is TF's; candle-onnx
+//!   reads neither padded `MaxPool` nor constant `Pad`. Global average pooling is `ReduceMean`
+//!   (candle-onnx lacks `GlobalAveragePool`).
+//! - Outputs `logits` and `probabilities` (softmax), float32, [N, classes]; a model without a
+//!   head gives `features` [N, 2048].
+//!
+//! With [`Precision::F16`] the weights and the network run in float16 between the scaling and
+//! the logits (for the CUDA execution provider); input and outputs keep their types.
+
+use candle_onnx::onnx::{
+    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, GraphProto,
+    ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto,
+    ValueInfoProto,
+};
+use models::head::{DENSE, LOGITS};
+use models::layers::{self, Block, BN_EPSILON, FEATURES};
+use modelspec::onnx_meta::{FEATURES_NAME, INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME};
+use modelspec::ModelDescription;
+use std::collections::HashMap;
+
+/// The operator set the graph uses (ONNX Runtime 1.31 and candle-onnx both read it).
+pub const OPSET: i64 = 17;
+/// The IR version that goes with opset 17.
+pub const IR_VERSION: i64 = 8;
+
+/// Floating-point type of the weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    F16,
+}
+
+/// A model's weights as plain arrays: name → (shape, values).
+pub type Weights = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Why the graph cannot be built.
+#[derive(Debug, thiserror::Error)]
+#[error("weights: {0}")]
+pub struct GraphError(String);
+
+struct Builder<'w> {
+    w: &'w Weights,
+    precision: Precision,
+    nodes: Vec<NodeProto>,
+    inits: Vec<TensorProto>,
+}
+
+fn ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: AttributeType::Ints as i32, ints: v.to_vec(), ..Default::default() }
+}
+
+fn int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: AttributeType::Int as i32, i: v, ..Default::default() }
+}
+
+fn string(name: &str, v: &str) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::String as i32,
+        s: v.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+fn value_info(name: &str, elem: DataType, dims: &[Result<i64, &str>]) -> ValueInfoProto {
+    let dim = dims
+        .iter()
+        .map(|d| tensor_shape_proto::Dimension {
+            value: Some(match d {
+                Ok(v) => tensor_shape_proto::dimension::Value::DimValue(*v),
+                Err(p) => tensor_shape_proto::dimension::Value::DimParam((*p).into()),
+            }),
+            ..Default::default()
+        })
+        .collect();
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: elem as i32,
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+impl<'w> Builder<'w> {
+    fn get(&self, name: &str) -> Result<&'w (Vec<usize>, Vec<f32>), GraphError> {
+        self.w.get(name).ok_or_else(|| GraphError(format!("no tensor `{name}`")))
+    }
+
+    /// Adds a node; its single output is named after the node.
+    fn node(&mut self, op: &str, name: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
+        self.nodes.push(NodeProto {
+            op_type: op.into(),
+            name: name.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![name.into()],
+            attribute: attrs,
+            ..Default::default()
+        });
+        name.into()
+    }
+
+    /// A weight initializer in the graph's precision.
+    fn weight(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
+        debug_assert_eq!(dims.iter().product::<usize>(), data.len());
+        let (data_type, raw_data) = match self.precision {
+            Precision::F32 => (DataType::Float, data.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            Precision::F16 => {
+                (DataType::Float16, data.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect())
+            }
+        };
+        self.inits.push(TensorProto {
+            name: name.into(),
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: data_type as i32,
+            raw_data,
+            ..Default::default()
+        });
+        name.into()
+    }
+
+    /// A float32 constant (used before the cast to the graph's precision).
+    fn const_f32(&mut self, name: &str, v: f32) -> String {
+        self.inits.push(TensorProto {
+            name: name.into(),
+            dims: vec![],
+            data_type: DataType::Float as i32,
+            raw_data: v.to_le_bytes().to_vec(),
+            ..Default::default()
+        });
+        name.into()
+    }
+
+    fn const_i64(&mut self, name: &str, v: &[i64]) -> String {
+        self.inits.push(TensorProto {
+            name: name.into(),
+            dims: vec![v.len() as i64],
+            data_type: DataType::Int64 as i32,
+            raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ..Default::default()
+        });
+        name.into()
+    }
+
+    /// Batch-norm `{bn}` as a per-channel scale and shift, computed as the Candle model does (f32).
+    fn bn(&self, bn: &str) -> Result<(Vec<f32>, Vec<f32>), GraphError> {
+        let g = &self.get(&format!("{bn}.gamma"))?.1;
+        let b = &self.get(&format!("{bn}.beta"))?.1;
+        let m = &self.get(&format!("{bn}.moving_mean"))?.1;
+        let v = &self.get(&format!("{bn}.moving_variance"))?.1;
+        let s: Vec<f32> = g.iter().zip(v).map(|(g, v)| g / (v + BN_EPSILON as f32).sqrt()).collect();
+        let shift = b.iter().zip(m).zip(&s).map(|((b, m), s)| b - m * s).collect();
+        Ok((s, shift))
+    }
+
+    /// Dense convolution `{name}` (kernel HWIO) + batch-norm `{name}_bn`, folded.
+    fn conv_bn(&mut self, x: &str, name: &str, stride: i64) -> Result<String, GraphError> {
+        let (shape, k) = self.get(&format!("{name}.kernel"))?;
+        let (kh, kw, cin, cout) = (shape[0], shape[1], shape[2], shape[3]);
+        let (s, shift) = self.bn(&format!("{name}_bn"))?;
+        let mut w = vec![0f32; k.len()];
+        for y in 0..kh {
+            for xx in 0..kw {
+                for ci in 0..cin {
+                    for co in 0..cout {
+                        w[((co * cin + ci) * kh + y) * kw + xx] = k[((y * kw + xx) * cin + ci) * cout + co] * s[co];
+                    }
+                }
+            }
+        }
+        let wn = self.weight(&format!("{name}.weight"), &[cout, cin, kh, kw], &w);
+        let bn = self.weight(&format!("{name}.bias"), &[cout], &shift);
+        let attrs = vec![ints("kernel_shape", &[kh as i64, kw as i64]), ints("strides", &[stride, stride])];
+        Ok(self.node("Conv", name, &[x, &wn, &bn], attrs))
+    }
+
+    /// Separable convolution `{name}` (depthwise 3x3 'same', then pointwise) + batch-norm.
+    fn sepconv_bn(&mut self, x: &str, name: &str) -> Result<String, GraphError> {
+        let (dshape, dw) = self.get(&format!("{name}.depthwise"))?;
+        let c = dshape[2];
+        let mut d = vec![0f32; dw.len()];
+        for y in 0..3 {
+            for xx in 0..3 {
+                for ch in 0..c {
+                    d[(ch * 3 + y) * 3 + xx] = dw[(y * 3 + xx) * c + ch];
+                }
+            }
+        }
+        let dn = self.weight(&format!("{name}.depthwise"), &[c, 1, 3, 3], &d);
+        let attrs = vec![ints("kernel_shape", &[3, 3]), ints("pads", &[1, 1, 1, 1]), int("group", c as i64)];
+        let x = self.node("Conv", &format!("{name}/depthwise"), &[x, &dn], attrs);
+        let (pshape, pw) = self.get(&format!("{name}.pointwise"))?;
+        let (cin, cout) = (pshape[0], pshape[1]);
+        let (s, shift) = self.bn(&format!("{name}_bn"))?;
+        let mut w = vec![0f32; pw.len()];
+        for ci in 0..cin {
+            for co in 0..cout {
+                w[co * cin + ci] = pw[ci * cout + co] * s[co];
+            }
+        }
+        let wn = self.weight(&format!("{name}.pointwise"), &[cout, cin, 1, 1], &w);
+        let bn = self.weight(&format!("{name}.bias"), &[cout], &shift);
+        Ok(self.node("Conv", &format!("{name}/pointwise"), &[&x, &wn, &bn], vec![ints("kernel_shape", &[1, 1])]))
+    }
+
+    fn relu(&mut self, x: &str) -> String {
+        self.node("Relu", &format!("{x}/relu"), &[x], vec![])
+    }
+
+    /// TF 'same' 3x3/2 max-pooling of a map of side `size`: reflect-pad (end only for even sides,
+    /// one on each side for odd ones), then an unpadded `MaxPool`.
+    fn max_pool_same(&mut self, x: &str, name: &str, size: usize) -> String {
+        let total = ((size.div_ceil(2) - 1) * 2 + 3).saturating_sub(size) as i64;
+        let (begin, end) = (total / 2, total - total / 2);
+        let pads = self.const_i64(&format!("{name}/pads"), &[0, 0, begin, begin, 0, 0, end, end]);
+        let padded = self.node("Pad", &format!("{name}/pad"), &[x, &pads], vec![string("mode", "reflect")]);
+        self.node("MaxPool", name, &[&padded], vec![ints("kernel_shape", &[3, 3]), ints("strides", &[2, 2])])
+    }
+
+    fn gemm(&mut self, x: &str, name: &str) -> Result<String, GraphError> {
+        let (ws, w) = self.get(&format!("{name}.weight"))?;
+        let (bs, b) = self.get(&format!("{name}.bias"))?;
+        let wn = self.weight(&format!("{name}.weight"), ws, w);
+        let bn = self.weight(&format!("{name}.bias"), bs, b);
+        Ok(self.node("Gemm", name, &[x, &wn, &bn], vec![int("transB", 1)]))
+    }
+}
+
+/// The ONNX model of `desc` with weights `w`, metadata `props`.
+pub fn build(
+    desc: &ModelDescription,
+    w: &Weights,
+    precision: Precision,
+    props: &[(String, String)],
+    model_version: i64,
+    producer: (&str, &str),
+) -> Result<ModelProto, GraphError> {
+    let mut b = Builder { w, precision, nodes: Vec::new(), inits: Vec::new() };
+    let p = &desc.preprocessing;
+    let x = b.node("Cast", "input/cast", &[INPUT_NAME], vec![int("to", DataType::Float as i64)]);
+    let scale = b.const_f32("input/scale_value", p.scale);
+    let x = b.node("Mul", "input/scale", &[&x, &scale], vec![]);
+    let offset = b.const_f32("input/offset_value", p.offset);
+    let x = b.node("Add", "input/offset", &[&x, &offset], vec![]);
+    let mut x = b.node("Transpose", "input/nchw", &[&x], vec![ints("perm", &[0, 3, 1, 2])]);
+    if precision == Precision::F16 {
+        x = b.node("Cast", "input/f16", &[&x], vec![int("to", DataType::Float16 as i64)]);
+    }
+    let size = desc.input_size;
+    for block in layers::blocks() {
+        x = match block {
+            Block::Stem => {
+                let y = b.conv_bn(&x, "block1_conv1", 2)?;
+                let y = b.relu(&y);
+                let y = b.conv_bn(&y, "block1_conv2", 1)?;
+                b.relu(&y)
+            }
+            Block::Down { index, relu_first, .. } => {
+                let residual = b.conv_bn(&x, &layers::shortcut_name(index), 2)?;
+                let y = if relu_first { b.relu(&x) } else { x.clone() };
+                let y = b.sepconv_bn(&y, &layers::sepconv_name(index, 1))?;
+                let y = b.relu(&y);
+                let y = b.sepconv_bn(&y, &layers::sepconv_name(index, 2))?;
+                let y = b.max_pool_same(&y, &format!("block{index}_pool"), layers::output_size_after(size, index - 1));
+                b.node("Add", &format!("block{index}_add"), &[&y, &residual], vec![])
+            }
+            Block::Middle { index } => {
+                let mut y = x.clone();
+                for i in 1..=3 {
+                    let r = b.relu(&y);
+                    y = b.sepconv_bn(&r, &layers::sepconv_name(index, i))?;
+                }
+                b.node("Add", &format!("block{index}_add"), &[&y, &x], vec![])
+            }
+            Block::Exit => {
+                let y = b.sepconv_bn(&x, &layers::sepconv_name(14, 1))?;
+                let y = b.relu(&y);
+                let y = b.sepconv_bn(&y, &layers::sepconv_name(14, 2))?;
+                b.relu(&y)
+            }
+        };
+    }
+    let pooled = b.node("ReduceMean", "avg_pool", &[&x], vec![ints("axes", &[2, 3]), int("keepdims", 0)]);
+    let mut outputs = Vec::new();
+    let batch: Result<i64, &str> = Err("batch");
+    match &desc.head {
+        Some(h) => {
+            let y = b.gemm(&pooled, DENSE)?;
+            let y = b.relu(&y);
+            let mut logits = b.gemm(&y, LOGITS)?;
+            if precision == Precision::F16 {
+                logits = b.node("Cast", "logits/f32", &[&logits], vec![int("to", DataType::Float as i64)]);
+            }
+            // Name the outputs by renaming the last nodes' outputs through Identity.
+            b.node("Identity", LOGITS_NAME, &[&logits], vec![]);
+            b.node("Softmax", PROBABILITIES_NAME, &[LOGITS_NAME], vec![int("axis", 1)]);
+            let c = Ok(h.classes as i64);
+            outputs.push(value_info(LOGITS_NAME, DataType::Float, &[batch, c]));
+            outputs.push(value_info(PROBABILITIES_NAME, DataType::Float, &[batch, c]));
+        }
+        None => {
+            let f = if precision == Precision::F16 {
+                b.node("Cast", "features/f32", &[&pooled], vec![int("to", DataType::Float as i64)])
+            } else {
+                pooled
+            };
+            b.node("Identity", FEATURES_NAME, &[&f], vec![]);
+            outputs.push(value_info(FEATURES_NAME, DataType::Float, &[batch, Ok(FEATURES as i64)]));
+        }
+    }
+    let s = desc.input_size as i64;
+    let graph = GraphProto {
+        name: desc.name.clone(),
+        node: b.nodes,
+        initializer: b.inits,
+        input: vec![value_info(INPUT_NAME, DataType::Uint8, &[batch, Ok(s), Ok(s), Ok(3)])],
+        output: outputs,
+        doc_string: format!(
+            "Xception classifier `{}`: uint8 RGB [N, {s}, {s}, 3] (decoded, resized {}) -> logits, probabilities over {:?}",
+            desc.name, desc.preprocessing.resize, desc.classes
+        ),
+        ..Default::default()
+    };
+    Ok(ModelProto {
+        ir_version: IR_VERSION,
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
+        producer_name: producer.0.into(),
+        producer_version: producer.1.into(),
+        model_version,
+        doc_string: format!("{} ({})", desc.name, desc.source),
+        graph: Some(graph),
+        metadata_props: props
+            .iter()
+            .map(|(k, v)| StringStringEntryProto { key: k.clone(), value: v.clone() })
+            .collect(),
+        ..Default::default()
+    })
+}

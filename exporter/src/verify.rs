@@ -1,0 +1,289 @@
+//! Proof that a written ONNX file computes what the Candle model computes: the same sample
+//! images through the Candle model (the reference), through ONNX Runtime (the engine the
+//! runtime uses) and through candle-onnx (a second, independent reader of the file).
+
+use anyhow::Context;
+use candle_core::{Device, ModuleT, Tensor};
+use models::classifier::Classifier;
+use modelspec::onnx_meta::{INPUT_NAME, LOGITS_NAME};
+use modelspec::preprocess::{self, DEFAULT_MAX_PIXELS};
+use modelspec::ModelDescription;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Sample images, decoded and resized to the model's input: `size * size * 3` bytes each.
+pub struct Samples {
+    pub names: Vec<String>,
+    pub pixels: Vec<Vec<u8>>,
+}
+
+impl Samples {
+    /// Reads image files (or every image of the folders given), at most `max`.
+    pub fn from_paths(paths: &[PathBuf], desc: &ModelDescription, max: usize) -> anyhow::Result<Self> {
+        let mut files = Vec::new();
+        for p in paths {
+            if p.is_dir() {
+                let mut inner: Vec<PathBuf> = walk(p)?;
+                inner.sort();
+                files.extend(inner);
+            } else {
+                files.push(p.clone());
+            }
+        }
+        files.truncate(max);
+        let mut s = Samples { names: Vec::new(), pixels: Vec::new() };
+        for f in files {
+            let bytes = std::fs::read(&f).with_context(|| format!("sample {}", f.display()))?;
+            let img = preprocess::decode_rgb(&bytes, DEFAULT_MAX_PIXELS)
+                .with_context(|| format!("sample {}", f.display()))?;
+            let r = preprocess::resize(&img, desc.input_size as u32, &desc.preprocessing);
+            s.names.push(f.display().to_string());
+            s.pixels.push(r.into_raw());
+        }
+        anyhow::ensure!(!s.pixels.is_empty(), "no sample images in {paths:?}");
+        Ok(s)
+    }
+
+    /// Up to `per_class` images of each class folder of `dir` (a labelled split).
+    pub fn from_split(dir: &Path, desc: &ModelDescription, per_class: usize) -> anyhow::Result<Self> {
+        let mut paths = Vec::new();
+        for class in &desc.classes {
+            let mut files = walk(&dir.join(class))?;
+            files.sort();
+            paths.extend(files.into_iter().take(per_class));
+        }
+        Self::from_paths(&paths, desc, usize::MAX)
+    }
+
+    /// Deterministic synthetic images (gradients and noise) when no photo is at hand.
+    pub fn synthetic(desc: &ModelDescription, n: usize) -> Self {
+        let s = desc.input_size;
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut pixels = Vec::new();
+        for i in 0..n {
+            let mut img = Vec::with_capacity(s * s * 3);
+            for y in 0..s {
+                for x in 0..s {
+                    for c in 0..3 {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        let grad = ((x * (c + 1) + y * (i + 1)) * 255 / (2 * s)) as u64;
+                        img.push(((grad + (state % 64)) % 256) as u8);
+                    }
+                }
+            }
+            pixels.push(img);
+        }
+        Samples { names: (0..n).map(|i| format!("synthetic-{i}")).collect(), pixels }
+    }
+
+    pub fn len(&self) -> usize {
+        self.pixels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pixels.is_empty()
+    }
+
+    fn batch(&self) -> Vec<u8> {
+        self.pixels.concat()
+    }
+}
+
+/// Image files under `dir` (one level), by extension.
+pub fn walk(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let mut out = Vec::new();
+    for e in rd {
+        let p = e?.path();
+        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        if p.is_file() && matches!(ext.as_str(), "jpg" | "jpeg" | "png" | "webp") {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// One engine's agreement with the Candle model.
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineCheck {
+    pub engine: String,
+    /// `None` when the engine could not run the file (then `note` says why).
+    pub max_abs_diff_logits: Option<f32>,
+    pub max_abs_diff_probabilities: Option<f32>,
+    pub same_top_class: Option<usize>,
+    pub passed: bool,
+    pub note: String,
+}
+
+/// The verification report, printed and stored beside the file.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub file: String,
+    pub samples: Vec<String>,
+    pub tolerance_logits: f32,
+    pub reference: String,
+    pub engines: Vec<EngineCheck>,
+    /// Every required engine agreed (ONNX Runtime is required; candle-onnx where it can run).
+    pub passed: bool,
+}
+
+/// Reference logits from the Candle model of the run directory.
+fn candle_logits(run_dir: &Path, samples: &Samples) -> anyhow::Result<(Vec<f32>, usize)> {
+    let dev = Device::Cpu;
+    let (model, desc) = Classifier::load(run_dir, &dev)?;
+    let s = desc.input_size;
+    let mut all = Vec::new();
+    let mut k = 0;
+    for chunk in samples.pixels.chunks(8) {
+        let mut input = Vec::with_capacity(chunk.len() * s * s * 3);
+        for px in chunk {
+            let img = image::RgbImage::from_raw(s as u32, s as u32, px.clone()).context("sample size")?;
+            input.extend(preprocess::to_input(&img, &desc.preprocessing));
+        }
+        let x = Tensor::from_vec(input, (chunk.len(), s, s, 3), &dev)?;
+        let y = model.forward_t(&x, false)?;
+        k = y.dim(1)?;
+        all.extend(y.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok((all, k))
+}
+
+fn softmax_rows(x: &[f32], k: usize) -> Vec<f32> {
+    x.chunks(k)
+        .flat_map(|r| {
+            let m = r.iter().cloned().fold(f32::MIN, f32::max);
+            let e: Vec<f32> = r.iter().map(|v| (v - m).exp()).collect();
+            let s: f32 = e.iter().sum();
+            e.into_iter().map(move |v| v / s)
+        })
+        .collect()
+}
+
+fn argmax_rows(x: &[f32], k: usize) -> Vec<usize> {
+    x.chunks(k).map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0)).collect()
+}
+
+fn compare(engine: &str, want: &[f32], got: &[f32], k: usize, tol: f32) -> EngineCheck {
+    let d = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let (pw, pg) = (softmax_rows(want, k), softmax_rows(got, k));
+    let same = argmax_rows(want, k).iter().zip(argmax_rows(got, k)).filter(|(a, b)| **a == *b).count();
+    let n = want.len() / k;
+    let dl = if want.len() == got.len() { d(want, got) } else { f32::INFINITY };
+    let passed = dl <= tol && same == n;
+    EngineCheck {
+        engine: engine.into(),
+        max_abs_diff_logits: Some(dl),
+        max_abs_diff_probabilities: Some(d(&pw, &pg)),
+        same_top_class: Some(same),
+        passed,
+        note: if passed { String::new() } else { format!("differs: max |diff| {dl:.3e} > {tol:.1e} or top class") },
+    }
+}
+
+/// An error's message without the backtrace some Candle errors carry.
+fn first_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").lines().next().unwrap_or_default().to_string()
+}
+
+/// Runs the checks on the file `onnx_path` (already written; `name` is how the report calls it).
+pub fn verify(
+    onnx_path: &Path,
+    name: &Path,
+    run_dir: &Path,
+    samples: &Samples,
+    tol: f32,
+    ort: &runtime::SessionConfig,
+    with_candle_onnx: bool,
+) -> anyhow::Result<Report> {
+    let bytes = std::fs::read(onnx_path).with_context(|| format!("reading back {}", onnx_path.display()))?;
+    let (want, k) = candle_logits(run_dir, samples)?;
+    let n = samples.len();
+    let mut engines = Vec::new();
+
+    // ONNX Runtime, through the runtime's own loader: required.
+    let ort_check = (|| -> anyhow::Result<Vec<f32>> {
+        let mut m = runtime::OnnxModel::from_bytes(&bytes, onnx_path, ort)?;
+        let preds = m.run(samples.batch(), n)?;
+        Ok(preds.into_iter().flat_map(|p| p.logits).collect())
+    })();
+    let engine = format!("onnxruntime {} (CPU)", runtime::ortlib::ORT_VERSION);
+    engines.push(match ort_check {
+        Ok(got) => compare(&engine, &want, &got, k, tol),
+        Err(e) => EngineCheck {
+            engine,
+            max_abs_diff_logits: None,
+            max_abs_diff_probabilities: None,
+            same_top_class: None,
+            passed: false,
+            note: first_line(&e),
+        },
+    });
+
+    // candle-onnx: an independent reader; reported, required only when it runs.
+    if with_candle_onnx {
+        let engine = "candle-onnx 0.11 (CPU)".to_string();
+        let run = (|| -> anyhow::Result<Vec<f32>> {
+            use prost::Message;
+            let model = candle_onnx::onnx::ModelProto::decode(bytes.as_slice())?;
+            let mut got = Vec::new();
+            // One image at a time: candle-onnx keeps every intermediate value alive.
+            for px in &samples.pixels {
+                let side = ((px.len() / 3) as f64).sqrt().round() as usize;
+                let x = Tensor::from_vec(px.clone(), (1, side, side, 3), &Device::Cpu)?;
+                let out = candle_onnx::simple_eval(&model, HashMap::from([(INPUT_NAME.to_string(), x)]))?;
+                let l = out.get(LOGITS_NAME).context("no logits output")?;
+                got.extend(l.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+            }
+            Ok(got)
+        })();
+        engines.push(match run {
+            Ok(got) => compare(&engine, &want, &got, k, tol),
+            Err(e) => EngineCheck {
+                engine,
+                max_abs_diff_logits: None,
+                max_abs_diff_probabilities: None,
+                same_top_class: None,
+                passed: true,
+                note: format!("could not run the file (not counted): {}", first_line(&e)),
+            },
+        });
+    }
+    let passed = engines.iter().all(|e| e.passed);
+    Ok(Report {
+        file: name.display().to_string(),
+        samples: samples.names.clone(),
+        tolerance_logits: tol,
+        reference: format!("Candle model of {}", run_dir.display()),
+        engines,
+        passed,
+    })
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "verification of {} on {} samples (reference: {})", self.file, self.samples.len(), self.reference)?;
+        for e in &self.engines {
+            let fmt = |v: Option<f32>| v.map(|v| format!("{v:.2e}")).unwrap_or_else(|| "-".into());
+            writeln!(
+                f,
+                "  {:<28} max|Δlogits| {:>9}  max|Δprob| {:>9}  same top class {:>3}/{}  {}{}",
+                e.engine,
+                fmt(e.max_abs_diff_logits),
+                fmt(e.max_abs_diff_probabilities),
+                e.same_top_class.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+                self.samples.len(),
+                if e.passed { "ok" } else { "FAILED" },
+                if e.note.is_empty() { String::new() } else { format!(" ({})", e.note) }
+            )?;
+        }
+        write!(
+            f,
+            "  tolerance {:.0e} on logits: {}",
+            self.tolerance_logits,
+            if self.passed { "PASSED" } else { "FAILED" }
+        )
+    }
+}

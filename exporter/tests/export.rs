@@ -1,0 +1,199 @@
+//! The exporter end to end, with the real weights and ONNX Runtime 1.31 (scripts/test.sh
+//! installs both): the Keras kitchenware model against TensorFlow's logits, a small trained
+//! footwear model against the trainer's own test accuracy, the ONNX checker, and bad inputs.
+
+use candle_core::{Device, Tensor};
+use exporter::graph::Precision;
+use exporter::{evaluate, export, triton, ExportOptions};
+use runtime::{OnnxModel, SessionConfig};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("exporter-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn weights(name: &str) -> PathBuf {
+    let dir = std::env::var_os("WEIGHTS_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("weights"));
+    let p = dir.join(name);
+    assert!(p.join("model.safetensors").exists(), "{} is missing: run scripts/fetch-weights.sh first", p.display());
+    p
+}
+
+/// The runtime's search finds `.local/onnxruntime` from the test binary's location too.
+fn ort() -> SessionConfig {
+    let lib = repo().join(runtime::ortlib::INSTALL_DIR).join(runtime::ortlib::LIB_NAME);
+    assert!(lib.exists(), "{} is missing: run scripts/setup-onnxruntime.sh first", lib.display());
+    SessionConfig { threads: 2, ort_lib: Some(lib) }
+}
+
+fn options(run_dir: &Path, out: &Path) -> ExportOptions {
+    ExportOptions {
+        run_dir: run_dir.into(),
+        out: out.into(),
+        precision: Precision::F32,
+        model_version: 1,
+        verify: true,
+        samples: vec![],
+        max_samples: 6,
+        candle_onnx: true,
+        tolerance: 1e-4,
+        ort: ort(),
+    }
+}
+
+/// `onnx.checker.check_model(full_check=True)` with the Python `onnx` of .local/python.
+fn onnx_check(path: &Path) {
+    let py = repo().join(".local/python");
+    assert!(py.exists(), "{} is missing: run scripts/setup-onnxruntime.sh first", py.display());
+    let out = Command::new("python3")
+        .env("PYTHONPATH", &py)
+        .args([
+            "-c",
+            "import onnx, sys; onnx.checker.check_model(onnx.load(sys.argv[1]), full_check=True); print('ok')",
+        ])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "onnx.checker: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn kitchenware_model_from_keras_gives_tensorflow_logits_through_onnx_runtime() {
+    let dir = tmp("kitchenware");
+    let out = dir.join("kitchenware.onnx");
+    let e = export(&options(&weights("kitchenware"), &out)).unwrap();
+    let r = e.report.unwrap();
+    assert!(r.passed, "{r}");
+    assert!(r.engines.iter().all(|e| e.max_abs_diff_logits.is_some_and(|d| d <= 1e-4)), "{r}");
+    assert!(e.report_path.unwrap().exists());
+    onnx_check(&out);
+
+    // TensorFlow's inputs are x/127.5 - 1 of uint8 pixels: exactly invertible.
+    let fx = repo().join("../shared/fixtures/kitchenware");
+    let x = Tensor::read_npy(fx.join("inputs_150.npy")).unwrap();
+    let want = Tensor::read_npy(fx.join("logits.npy")).unwrap();
+    let n = x.dim(0).unwrap();
+    let pixels: Vec<u8> = x
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8)
+        .collect();
+    let mut m = OnnxModel::load(&out, &ort()).unwrap();
+    assert_eq!(m.classes(), ["cup", "fork", "glass", "knife", "plate", "spoon"]);
+    assert_eq!(m.input_size(), 150);
+    let got = m.run(pixels, n).unwrap();
+    let want = want.to_vec2::<f32>().unwrap();
+    let mut worst = 0f32;
+    for (g, w) in got.iter().zip(&want) {
+        for (a, b) in g.logits.iter().zip(w) {
+            worst = worst.max((a - b).abs());
+        }
+        let s: f32 = g.probabilities.iter().sum();
+        assert!((s - 1.0).abs() < 1e-5);
+    }
+    assert!(worst <= 1e-3, "max |ONNX Runtime - TensorFlow| = {worst}");
+    println!("kitchenware: ONNX Runtime vs TensorFlow logits, max |diff| {worst:.2e}");
+}
+
+#[test]
+fn small_trained_model_exports_with_the_trainers_accuracy_and_a_triton_layout() {
+    let root = tmp("trained");
+    let data = root.join("data");
+    trainer::data::link_subset(&repo().join("../shared/data/footwear"), &data, 6).unwrap();
+    let mut cfg = trainer::config::TrainConfig {
+        data: data.clone(),
+        base: weights("xception-imagenet"),
+        out: root.join("run"),
+        image_size: 71,
+        variants: 1,
+        fine_tune_from: 14,
+        batch_size: 6,
+        feature_cache: "".into(),
+        ..Default::default()
+    };
+    cfg.head.epochs = 3;
+    cfg.fine_tune.epochs = 1;
+    let outcome = trainer::train::run(&cfg, false, &Device::Cpu).unwrap();
+
+    let out = root.join("model.onnx");
+    let e = export(&options(&cfg.out, &out)).unwrap();
+    let r = e.report.unwrap();
+    assert!(r.passed, "{r}");
+    // The samples came from the run's own test split (its config.toml names the data).
+    assert!(r.samples.iter().all(|s| s.contains("/test/")), "{:?}", r.samples);
+    assert_eq!(r.engines.len(), 2, "ONNX Runtime and candle-onnx");
+    onnx_check(&out);
+
+    let ev = evaluate(&out, &data.join("test"), &ort()).unwrap();
+    assert_eq!(ev.images, 18);
+    assert_eq!(ev.accuracy, outcome.test.accuracy, "ONNX Runtime vs trainer test accuracy");
+    assert_eq!(ev.reported_accuracy, Some(outcome.test.accuracy));
+
+    // The metadata alone describes the model.
+    let m = OnnxModel::load(&out, &ort()).unwrap();
+    assert_eq!(m.classes(), ["boot", "sandal", "shoe"]);
+    assert_eq!(m.input_size(), 71);
+    assert!(m.info.preprocessing.scaling_in_graph);
+    assert!(m.info.toolchain.starts_with("footwear-exporter"));
+
+    let desc = modelspec::ModelDescription::load(&cfg.out).unwrap();
+    let t = triton::write(&root.join("triton"), &desc, &out, 16, false).unwrap();
+    assert_eq!(std::fs::read(t.join("1/model.onnx")).unwrap(), std::fs::read(&out).unwrap());
+    let config = std::fs::read_to_string(t.join("config.pbtxt")).unwrap();
+    for want in ["name: \"footwear\"", "max_batch_size: 16", "TYPE_UINT8", "dims: [ 71, 71, 3 ]", "dynamic_batching"] {
+        assert!(config.contains(want), "config.pbtxt lacks {want}:\n{config}");
+    }
+    assert_eq!(std::fs::read_to_string(t.join("labels.txt")).unwrap(), "boot\nsandal\nshoe\n");
+
+    // Float16 weights: half the size, same answers within float16 rounding.
+    let out16 = root.join("model16.onnx");
+    let o16 = ExportOptions { precision: Precision::F16, tolerance: 5e-2, ..options(&cfg.out, &out16) };
+    let e16 = export(&o16).unwrap();
+    assert!(e16.report.as_ref().unwrap().passed, "{}", e16.report.unwrap());
+    assert!(e16.bytes < e.bytes * 6 / 10, "{} vs {}", e16.bytes, e.bytes);
+    onnx_check(&out16);
+}
+
+#[test]
+fn bad_inputs_give_errors_that_name_the_file_and_leave_the_old_file_alone() {
+    let dir = tmp("bad");
+    // A missing model directory.
+    let err = export(&options(&dir.join("nope"), &dir.join("m.onnx"))).err().unwrap();
+    assert!(format!("{err:#}").contains("nope"), "{err:#}");
+
+    // A truncated weights file: the error names it, and an existing model.onnx survives.
+    let run = dir.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let src = weights("kitchenware");
+    std::fs::copy(src.join("model.json"), run.join("model.json")).unwrap();
+    let w = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(run.join("model.safetensors"), &w[..w.len() / 2]).unwrap();
+    let out = dir.join("model.onnx");
+    std::fs::write(&out, b"previous model").unwrap();
+    let err = format!("{:#}", export(&options(&run, &out)).err().unwrap());
+    assert!(err.contains("model.safetensors"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"previous model");
+    assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")));
+
+    // A truncated ONNX file: the runtime names it instead of crashing.
+    let good = dir.join("good.onnx");
+    let mut o = options(&src, &good);
+    o.verify = false;
+    export(&o).unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    let cut = dir.join("cut.onnx");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let err = OnnxModel::load(&cut, &ort()).err().unwrap().to_string();
+    assert!(err.contains("cut.onnx"), "{err}");
+}

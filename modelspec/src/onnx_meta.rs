@@ -1,0 +1,185 @@
+//! The metadata properties of an exported ONNX file: what the exporter writes and the runtime
+//! reads, so that `model.onnx` travels alone. Each property is a plain string, JSON where it is
+//! structured, readable by any ONNX tool (`onnx.load(f).metadata_props`, onnxruntime's
+//! `get_modelmeta().custom_metadata_map`).
+//!
+//! The graph itself scales pixels: its input is the decoded, resized RGB image as `uint8`
+//! [N, size, size, 3], so a runtime only decodes and resizes.
+
+use crate::{Head, ModelDescription, Preprocessing, FORMAT_VERSION};
+use serde::{Deserialize, Serialize};
+
+/// JSON list of class names, in output order.
+pub const CLASSES: &str = "classes";
+/// Side of the square input, pixels (a decimal number).
+pub const INPUT_SIZE: &str = "input_size";
+/// Input memory layout (`NHWC`).
+pub const LAYOUT: &str = "layout";
+/// Input element type (`uint8`: raw pixels, scaled inside the graph).
+pub const INPUT_TYPE: &str = "input_type";
+/// JSON [`OnnxPreprocessing`]: how an image becomes the input tensor.
+pub const PREPROCESSING: &str = "preprocessing";
+pub const MODEL_NAME: &str = "model_name";
+pub const MODEL_VERSION: &str = "model_version";
+pub const ARCHITECTURE: &str = "architecture";
+/// JSON object of training metrics (test accuracy, macro-F1, ...), `null` if unknown.
+pub const METRICS: &str = "metrics";
+/// Where the weights came from (the trainer's run, a Keras file).
+pub const SOURCE: &str = "source";
+/// Name and version of the tool that wrote the file.
+pub const TOOLCHAIN: &str = "toolchain";
+/// JSON of the classifier head's sizes, `null` for a bare feature extractor.
+pub const HEAD: &str = "head";
+
+/// Names of the graph's input and outputs.
+pub const INPUT_NAME: &str = "image";
+pub const LOGITS_NAME: &str = "logits";
+pub const PROBABILITIES_NAME: &str = "probabilities";
+pub const FEATURES_NAME: &str = "features";
+
+/// The preprocessing property: the training preprocessing, and whether the graph applies the
+/// scaling itself (then a runtime feeds the resized pixels unchanged).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OnnxPreprocessing {
+    #[serde(flatten)]
+    pub steps: Preprocessing,
+    /// `x * scale + offset` is part of the graph.
+    pub scaling_in_graph: bool,
+}
+
+/// Everything a runtime learns from the metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnnxInfo {
+    pub description: ModelDescription,
+    pub model_version: i64,
+    pub input_type: String,
+    pub preprocessing: OnnxPreprocessing,
+    pub toolchain: String,
+}
+
+/// A missing or malformed metadata property.
+#[derive(Debug, thiserror::Error)]
+#[error("ONNX metadata property `{key}`: {reason}")]
+pub struct MetaError {
+    pub key: &'static str,
+    pub reason: String,
+}
+
+/// The metadata properties of a model exported from `desc`.
+pub fn properties(desc: &ModelDescription, model_version: i64, toolchain: &str) -> Vec<(String, String)> {
+    let pre = OnnxPreprocessing { steps: desc.preprocessing.clone(), scaling_in_graph: true };
+    vec![
+        (CLASSES.into(), json(&desc.classes)),
+        (INPUT_SIZE.into(), desc.input_size.to_string()),
+        (LAYOUT.into(), desc.layout.clone()),
+        (INPUT_TYPE.into(), "uint8".into()),
+        (PREPROCESSING.into(), json(&pre)),
+        (MODEL_NAME.into(), desc.name.clone()),
+        (MODEL_VERSION.into(), model_version.to_string()),
+        (ARCHITECTURE.into(), desc.architecture.clone()),
+        (HEAD.into(), json(&desc.head)),
+        (METRICS.into(), json(&desc.metrics)),
+        (SOURCE.into(), desc.source.clone()),
+        (TOOLCHAIN.into(), toolchain.into()),
+    ]
+}
+
+/// Reads the properties back; `get` returns a property's value.
+pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<OnnxInfo, MetaError> {
+    fn need(get: &impl Fn(&str) -> Option<String>, key: &'static str) -> Result<String, MetaError> {
+        get(key).ok_or(MetaError { key, reason: "missing (was the file written by this toolchain's exporter?)".into() })
+    }
+    fn json<T: serde::de::DeserializeOwned>(
+        get: &impl Fn(&str) -> Option<String>,
+        key: &'static str,
+    ) -> Result<T, MetaError> {
+        serde_json::from_str(&need(get, key)?).map_err(|e| MetaError { key, reason: format!("not valid JSON: {e}") })
+    }
+    let classes: Vec<String> = json(&get, CLASSES)?;
+    let input_size: usize = need(&get, INPUT_SIZE)?
+        .trim()
+        .parse()
+        .map_err(|e| MetaError { key: INPUT_SIZE, reason: format!("not a number: {e}") })?;
+    let preprocessing: OnnxPreprocessing = json(&get, PREPROCESSING)?;
+    let head: Option<Head> = json(&get, HEAD)?;
+    let model_version = need(&get, MODEL_VERSION)?
+        .trim()
+        .parse()
+        .map_err(|e| MetaError { key: MODEL_VERSION, reason: format!("not a number: {e}") })?;
+    let metrics: Option<serde_json::Value> = json(&get, METRICS)?;
+    let description = ModelDescription {
+        format: FORMAT_VERSION,
+        name: need(&get, MODEL_NAME)?,
+        architecture: need(&get, ARCHITECTURE)?,
+        input_size,
+        layout: need(&get, LAYOUT)?,
+        preprocessing: preprocessing.steps.clone(),
+        head,
+        classes,
+        source: get(SOURCE).unwrap_or_default(),
+        metrics,
+    };
+    description
+        .validate(std::path::Path::new("ONNX metadata"))
+        .map_err(|e| MetaError { key: "model description", reason: e.to_string() })?;
+    Ok(OnnxInfo {
+        description,
+        model_version,
+        input_type: need(&get, INPUT_TYPE)?,
+        preprocessing,
+        toolchain: get(TOOLCHAIN).unwrap_or_default(),
+    })
+}
+
+/// Compact JSON of one of our values (which always serialise).
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("serialisable")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn desc() -> ModelDescription {
+        ModelDescription {
+            format: FORMAT_VERSION,
+            name: "footwear".into(),
+            architecture: "xception".into(),
+            input_size: 224,
+            layout: "NHWC".into(),
+            preprocessing: Preprocessing::default(),
+            head: Some(Head { inner: 100, dropout: 0.2, classes: 3 }),
+            classes: vec!["boot".into(), "sandal".into(), "shoe".into()],
+            source: "run".into(),
+            metrics: Some(serde_json::json!({"test_accuracy": 0.99})),
+        }
+    }
+
+    #[test]
+    fn properties_round_trip() {
+        let props: HashMap<String, String> = properties(&desc(), 3, "exporter 0.1").into_iter().collect();
+        assert_eq!(props[CLASSES], r#"["boot","sandal","shoe"]"#);
+        assert_eq!(props[INPUT_SIZE], "224");
+        let info = parse(|k| props.get(k).cloned()).unwrap();
+        assert_eq!(info.description, desc());
+        assert_eq!(info.model_version, 3);
+        assert_eq!(info.input_type, "uint8");
+        assert!(info.preprocessing.scaling_in_graph);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let mut props: HashMap<String, String> = properties(&desc(), 1, "t").into_iter().collect();
+        props.remove(CLASSES);
+        let e = parse(|k| props.get(k).cloned()).unwrap_err().to_string();
+        assert!(e.contains("`classes`") && e.contains("missing"), "{e}");
+        let mut props: HashMap<String, String> = properties(&desc(), 1, "t").into_iter().collect();
+        props.insert(INPUT_SIZE.into(), "big".into());
+        assert!(parse(|k| props.get(k).cloned()).unwrap_err().to_string().contains("`input_size`"));
+        props.insert(INPUT_SIZE.into(), "224".into());
+        props.insert(CLASSES.into(), r#"["a","b"]"#.into());
+        let e = parse(|k| props.get(k).cloned()).unwrap_err().to_string();
+        assert!(e.contains("classes"), "{e}");
+    }
+}

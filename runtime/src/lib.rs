@@ -1,0 +1,7 @@
+//! The runtime: one self-describing `model.onnx` served with ONNX Runtime. No Candle here: the
+//! preprocessing is `modelspec`'s (the trainer's own), the model is whatever the exporter wrote.
+
+pub mod model;
+pub mod ortlib;
+
+pub use model::{ModelError, OnnxModel, Prediction, SessionConfig};

@@ -1,0 +1,144 @@
+//! A loaded `model.onnx`: an ONNX Runtime session and what its metadata says (classes, input
+//! size, preprocessing), checked against the graph's own input and outputs.
+
+use crate::ortlib::{self, OrtLibError};
+use modelspec::onnx_meta::{self, MetaError, OnnxInfo, LOGITS_NAME, PROBABILITIES_NAME};
+use ort::session::Session;
+use ort::value::{Tensor, TensorElementType, ValueType};
+use std::path::{Path, PathBuf};
+
+/// How to build a session.
+#[derive(Debug, Clone, Default)]
+pub struct SessionConfig {
+    /// Intra-op threads (0: ONNX Runtime's default, one per core).
+    pub threads: usize,
+    /// The ONNX Runtime library (else [`ortlib::candidates`]).
+    pub ort_lib: Option<PathBuf>,
+}
+
+/// Why a model cannot be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    OrtLib(#[from] OrtLibError),
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: ONNX Runtime cannot load it (truncated or not an ONNX model?): {reason}")]
+    Session { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Meta { path: PathBuf, source: MetaError },
+    #[error("{path}: {reason}")]
+    Graph { path: PathBuf, reason: String },
+    #[error("input: {0}")]
+    Input(String),
+    #[error("ONNX Runtime: {0}")]
+    Run(String),
+}
+
+/// The outputs for one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    pub logits: Vec<f32>,
+    pub probabilities: Vec<f32>,
+}
+
+/// A model ready to run.
+pub struct OnnxModel {
+    session: Session,
+    pub info: OnnxInfo,
+    pub path: PathBuf,
+}
+
+impl OnnxModel {
+    /// Loads `path` (an `.onnx` file written by the exporter).
+    pub fn load(path: &Path, cfg: &SessionConfig) -> Result<Self, ModelError> {
+        let bytes = std::fs::read(path).map_err(|source| ModelError::Read { path: path.into(), source })?;
+        Self::from_bytes(&bytes, path, cfg)
+    }
+
+    /// Loads a model from memory; `path` only names it in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path, cfg: &SessionConfig) -> Result<Self, ModelError> {
+        ortlib::init(cfg.ort_lib.as_deref())?;
+        let env = ortlib::environment().expect("initialised above");
+        let session_err = |reason: String| ModelError::Session { path: path.into(), reason };
+        let mut builder = Session::builder(env).map_err(|e| session_err(e.to_string()))?;
+        if cfg.threads > 0 {
+            builder = builder.with_intra_threads(cfg.threads).map_err(|e| session_err(e.to_string()))?;
+        }
+        let session = builder.commit_from_memory(bytes).map_err(|e| session_err(e.to_string()))?;
+        let meta = session.metadata().map_err(|e| session_err(e.to_string()))?;
+        let info =
+            onnx_meta::parse(|k| meta.custom(k)).map_err(|source| ModelError::Meta { path: path.into(), source })?;
+        drop(meta);
+        let model = Self { session, info, path: path.into() };
+        model.check_graph()?;
+        Ok(model)
+    }
+
+    /// The graph must take uint8 [N, size, size, 3] and give the outputs the metadata promises.
+    fn check_graph(&self) -> Result<(), ModelError> {
+        let bad = |reason: String| Err(ModelError::Graph { path: self.path.clone(), reason });
+        let size = self.info.description.input_size as i64;
+        let Some(input) = self.session.inputs().first() else { return bad("the graph has no input".into()) };
+        match input.dtype() {
+            ValueType::Tensor { ty: TensorElementType::Uint8, shape, .. }
+                if shape.len() == 4 && shape[1..] == [size, size, 3] => {}
+            other => {
+                return bad(format!(
+                    "input `{}` is {other:?}; expected uint8 [N, {size}, {size}, 3] as the metadata says",
+                    input.name()
+                ))
+            }
+        }
+        if self.info.input_type != "uint8" {
+            return bad(format!("metadata input_type `{}` is not supported (uint8)", self.info.input_type));
+        }
+        if self.info.description.head.is_some() {
+            for name in [LOGITS_NAME, PROBABILITIES_NAME] {
+                if !self.session.outputs().iter().any(|o| o.name() == name) {
+                    return bad(format!("the graph has no output `{name}`"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Side of the square input, pixels.
+    pub fn input_size(&self) -> usize {
+        self.info.description.input_size
+    }
+
+    pub fn classes(&self) -> &[String] {
+        &self.info.description.classes
+    }
+
+    /// Runs `n` images, each `size * size * 3` RGB bytes (resized, not scaled), one batch.
+    pub fn run(&mut self, pixels: Vec<u8>, n: usize) -> Result<Vec<Prediction>, ModelError> {
+        let s = self.input_size();
+        if n == 0 || pixels.len() != n * s * s * 3 {
+            return Err(ModelError::Input(format!(
+                "{} bytes for {n} images of {s}x{s}x3 (expected {})",
+                pixels.len(),
+                n * s * s * 3
+            )));
+        }
+        let input = Tensor::from_array(([n, s, s, 3], pixels.into_boxed_slice()))
+            .map_err(|e| ModelError::Input(e.to_string()))?;
+        let input_name = self.session.inputs()[0].name().to_string();
+        let outputs =
+            self.session.run(ort::inputs![input_name => input]).map_err(|e| ModelError::Run(e.to_string()))?;
+        let get = |name: &str| -> Result<Vec<f32>, ModelError> {
+            let v = outputs.get(name).ok_or_else(|| ModelError::Run(format!("no output `{name}`")))?;
+            let (_, data) = v.try_extract_tensor::<f32>().map_err(|e| ModelError::Run(format!("{name}: {e}")))?;
+            Ok(data.to_vec())
+        };
+        let (logits, probs) = (get(LOGITS_NAME)?, get(PROBABILITIES_NAME)?);
+        let k = logits.len() / n;
+        Ok((0..n)
+            .map(|i| Prediction {
+                logits: logits[i * k..(i + 1) * k].to_vec(),
+                probabilities: probs[i * k..(i + 1) * k].to_vec(),
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what the exporter and the runtime need from PyPI, once, under .local/ (git-ignored):
+#   .local/onnxruntime/libonnxruntime.so.1.31.1   ONNX Runtime's library, from the onnxruntime wheel
+#                                                 (ort loads it at run time; nothing downloads at build time)
+#   .local/python/                                the Python `onnx` package, for onnx.checker in the tests
+# Cached: a second run does nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ORT_VERSION=1.31.1
+ONNX_VERSION=1.19.1
+dest=.local/onnxruntime
+lib="$dest/libonnxruntime.so.$ORT_VERSION"
+if [ ! -f "$lib" ]; then
+  mkdir -p "$dest/download"
+  python3 -m pip download --quiet --no-deps --only-binary=:all: "onnxruntime==$ORT_VERSION" -d "$dest/download"
+  python3 - "$dest" "$ORT_VERSION" <<'PY'
+import glob, shutil, sys, zipfile
+dest, version = sys.argv[1], sys.argv[2]
+wheel = sorted(glob.glob(f"{dest}/download/onnxruntime-{version}-*.whl"))[-1]
+with zipfile.ZipFile(wheel) as z:
+    for name in (f"libonnxruntime.so.{version}", "libonnxruntime_providers_shared.so"):
+        with z.open(f"onnxruntime/capi/{name}") as src, open(f"{dest}/{name}.tmp", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        shutil.move(f"{dest}/{name}.tmp", f"{dest}/{name}")
+PY
+  rm -rf "$dest/download"
+fi
+if ! PYTHONPATH=.local/python python3 -c "import onnx" 2>/dev/null; then
+  python3 -m pip install --quiet --target .local/python "onnx==$ONNX_VERSION"
+fi
+echo "ONNX Runtime $ORT_VERSION ready: $lib"
