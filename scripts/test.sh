@@ -6,4 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-weights.sh
 ./scripts/setup-onnxruntime.sh
+# The end-to-end tests (tests/) run the `footwear` binary itself.
+cargo build --release --workspace --bins
 cargo test --release --workspace "$@"

@@ -61,7 +61,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let a = Args::parse();
     let out = a.out.clone().unwrap_or_else(|| a.run_dir.join("model.onnx"));
-    let ort = runtime::SessionConfig { threads: a.threads, ort_lib: a.ort_lib.clone() };
+    let ort = runtime::SessionConfig { threads: a.threads, ort_lib: a.ort_lib.clone(), ..Default::default() };
     let o = ExportOptions {
         run_dir: a.run_dir.clone(),
         out,

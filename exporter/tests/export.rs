@@ -31,7 +31,7 @@ fn weights(name: &str) -> PathBuf {
 fn ort() -> SessionConfig {
     let lib = repo().join(runtime::ortlib::INSTALL_DIR).join(runtime::ortlib::LIB_NAME);
     assert!(lib.exists(), "{} is missing: run scripts/setup-onnxruntime.sh first", lib.display());
-    SessionConfig { threads: 2, ort_lib: Some(lib) }
+    SessionConfig { threads: 2, ort_lib: Some(lib), ..Default::default() }
 }
 
 fn options(run_dir: &Path, out: &Path) -> ExportOptions {

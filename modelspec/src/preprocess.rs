@@ -20,6 +20,22 @@ pub enum ImageError {
     TooLarge { width: u32, height: u32, max: u64 },
     #[error("cannot decode image: {0}")]
     Decode(String),
+    #[error("truncated JPEG: the data ends before the image's end-of-image marker")]
+    Truncated,
+}
+
+/// A JPEG whose last scan (the main image's; an EXIF thumbnail's come earlier) is not followed
+/// by an end-of-image marker was cut short. The decoder would fill the missing rows with grey
+/// and answer as if nothing were wrong.
+fn jpeg_truncated(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(&[0xff, 0xd8, 0xff]) {
+        return false;
+    }
+    let last_scan = bytes.windows(2).rposition(|w| w == [0xff, 0xda]);
+    match last_scan {
+        Some(i) => !bytes[i..].windows(2).any(|w| w == [0xff, 0xd9]),
+        None => true,
+    }
 }
 
 /// Decodes an encoded image (JPEG, PNG, WebP) to RGB, refusing images of more than
@@ -37,6 +53,9 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<image::RgbImage, Imag
     let (width, height) = reader.into_dimensions().map_err(|e| ImageError::Decode(e.to_string()))?;
     if u64::from(width) * u64::from(height) > max_pixels {
         return Err(ImageError::TooLarge { width, height, max: max_pixels });
+    }
+    if jpeg_truncated(bytes) {
+        return Err(ImageError::Truncated);
     }
     let mut reader = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -134,5 +153,12 @@ mod tests {
             "{:?}",
             decode_rgb(&png, DEFAULT_MAX_PIXELS).err()
         );
+        // A JPEG cut in half decodes (grey rows) unless the missing end-of-image marker is noticed.
+        let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 90]));
+        let mut jpeg = Vec::new();
+        img.write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
+        assert!(decode_rgb(&jpeg, DEFAULT_MAX_PIXELS).is_ok());
+        let cut = &jpeg[..jpeg.len() * 2 / 3];
+        assert!(matches!(decode_rgb(cut, DEFAULT_MAX_PIXELS), Err(ImageError::Truncated)));
     }
 }

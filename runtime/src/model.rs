@@ -14,6 +14,10 @@ pub struct SessionConfig {
     pub threads: usize,
     /// The ONNX Runtime library (else [`ortlib::candidates`]).
     pub ort_lib: Option<PathBuf>,
+    /// Use the CUDA execution provider (needs onnxruntime-gpu's library and a GPU).
+    pub cuda: bool,
+    /// With `cuda`: fail instead of falling back to the CPU.
+    pub require_cuda: bool,
 }
 
 /// Why a model cannot be loaded or run.
@@ -29,6 +33,8 @@ pub enum ModelError {
     Meta { path: PathBuf, source: MetaError },
     #[error("{path}: {reason}")]
     Graph { path: PathBuf, reason: String },
+    #[error("CUDA execution provider required but unavailable: {0}")]
+    Cuda(String),
     #[error("input: {0}")]
     Input(String),
     #[error("ONNX Runtime: {0}")]
@@ -47,6 +53,8 @@ pub struct OnnxModel {
     session: Session,
     pub info: OnnxInfo,
     pub path: PathBuf,
+    /// The execution provider the session runs on (`CUDA` or `CPU`).
+    pub provider: &'static str,
 }
 
 impl OnnxModel {
@@ -65,12 +73,25 @@ impl OnnxModel {
         if cfg.threads > 0 {
             builder = builder.with_intra_threads(cfg.threads).map_err(|e| session_err(e.to_string()))?;
         }
+        let mut provider = "CPU";
+        if cfg.cuda {
+            let ep = ort::ep::CUDA::default().build().error_on_failure();
+            match ep.register(&mut builder) {
+                Ok(()) => provider = "CUDA",
+                Err(e) if cfg.require_cuda => {
+                    return Err(ModelError::Cuda(format!(
+                        "{e} (is onnxruntime-gpu's library loaded, and a GPU present?)"
+                    )))
+                }
+                Err(e) => tracing::warn!("CUDA execution provider unavailable, running on the CPU: {e}"),
+            }
+        }
         let session = builder.commit_from_memory(bytes).map_err(|e| session_err(e.to_string()))?;
         let meta = session.metadata().map_err(|e| session_err(e.to_string()))?;
         let info =
             onnx_meta::parse(|k| meta.custom(k)).map_err(|source| ModelError::Meta { path: path.into(), source })?;
         drop(meta);
-        let model = Self { session, info, path: path.into() };
+        let model = Self { session, info, path: path.into(), provider };
         model.check_graph()?;
         Ok(model)
     }

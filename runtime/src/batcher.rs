@@ -1,0 +1,128 @@
+//! Dynamic micro-batching over a pool of sessions. Requests (each one or more images) queue on
+//! one channel; each session's worker thread takes the first waiting request, then gathers more
+//! until the batch holds `max_batch` images or `max_delay` has passed since it began, runs them
+//! as one batch and answers every request with its own rows.
+
+use crate::model::{OnnxModel, Prediction};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+/// How a request fared in the batcher.
+#[derive(Debug, Clone)]
+pub struct Batched {
+    pub predictions: Vec<Prediction>,
+    /// Time the request waited before its batch started.
+    pub queue: Duration,
+    /// Time the batch took in ONNX Runtime.
+    pub inference: Duration,
+    /// Images in the batch the request ran in.
+    pub batch_size: usize,
+}
+
+struct Job {
+    pixels: Vec<u8>,
+    n: usize,
+    enqueued: Instant,
+    reply: tokio::sync::oneshot::Sender<Result<Batched, String>>,
+}
+
+/// Batching settings.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    pub max_batch: usize,
+    pub max_delay: Duration,
+}
+
+/// The queue in front of the sessions.
+pub struct Batcher {
+    tx: Sender<Job>,
+    rx: Receiver<Job>,
+    pub config: BatchConfig,
+}
+
+impl Batcher {
+    /// Starts one worker thread per session.
+    pub fn start(sessions: Vec<OnnxModel>, config: BatchConfig) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        for (i, model) in sessions.into_iter().enumerate() {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("session-{i}"))
+                .spawn(move || worker(model, rx, config))
+                .expect("spawning a session thread");
+        }
+        Self { tx, rx, config }
+    }
+
+    /// Requests waiting for a session.
+    pub fn queued(&self) -> usize {
+        self.rx.len()
+    }
+
+    /// Queues `n` images (`pixels`: n · size · size · 3 bytes) and waits for their predictions.
+    pub async fn submit(&self, pixels: Vec<u8>, n: usize) -> Result<Batched, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Job { pixels, n, enqueued: Instant::now(), reply })
+            .map_err(|_| "the sessions have stopped".to_string())?;
+        answer.await.map_err(|_| "the session dropped the request".to_string())?
+    }
+}
+
+fn worker(mut model: OnnxModel, rx: Receiver<Job>, cfg: BatchConfig) {
+    let mut carry: Option<Job> = None;
+    loop {
+        let first = match carry.take() {
+            Some(j) => j,
+            None => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return, // every sender is gone: shutting down
+            },
+        };
+        let deadline = Instant::now() + cfg.max_delay;
+        let mut total = first.n;
+        let mut jobs = vec![first];
+        while total < cfg.max_batch {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(j) if total + j.n <= cfg.max_batch => {
+                    total += j.n;
+                    jobs.push(j);
+                }
+                Ok(j) => {
+                    carry = Some(j);
+                    break;
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        // Requests whose client has gone (timeout, disconnect) are dropped before running.
+        jobs.retain(|j| !j.reply.is_closed());
+        if jobs.is_empty() {
+            continue;
+        }
+        let total: usize = jobs.iter().map(|j| j.n).sum();
+        let start = Instant::now();
+        let mut pixels = Vec::with_capacity(jobs.iter().map(|j| j.pixels.len()).sum());
+        for j in &jobs {
+            pixels.extend_from_slice(&j.pixels);
+        }
+        let result = model.run(pixels, total);
+        let inference = start.elapsed();
+        match result {
+            Ok(preds) => {
+                let mut rows = preds.into_iter();
+                for j in jobs {
+                    let predictions: Vec<Prediction> = rows.by_ref().take(j.n).collect();
+                    let queue = start.duration_since(j.enqueued);
+                    let _ = j.reply.send(Ok(Batched { predictions, queue, inference, batch_size: total }));
+                }
+            }
+            Err(e) => {
+                for j in jobs {
+                    let _ = j.reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+}

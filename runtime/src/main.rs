@@ -1,0 +1,354 @@
+//! `footwear`: predictions from one self-describing model.onnx, on the command line
+//! (`predict`) or over HTTP (`serve`). Exit codes: 0 all predicted, 1 fatal error (model,
+//! library, arguments), 2 some inputs could not be read (the others were predicted).
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rayon::prelude::*;
+use runtime::answer::{answer, Answer};
+use runtime::batcher::BatchConfig;
+use runtime::server::{self, ServeConfig};
+use runtime::{OnnxModel, SessionConfig};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(version, about = "Serve predictions from a model.onnx written by the footwear exporter")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Classify image files, folders or globs.
+    Predict(PredictArgs),
+    /// Serve predictions over HTTP (/v1/predict, KServe v2, /metrics, a web page at /).
+    Serve(ServeArgs),
+    /// Print what the model's metadata says.
+    Info(ModelArgs),
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// The ONNX file.
+    #[arg(short, long, env = "FOOTWEAR_MODEL", default_value = "model.onnx")]
+    model: PathBuf,
+    /// ONNX Runtime library [default: $ORT_DYLIB_PATH, else .local/onnxruntime/libonnxruntime.so.1.31.1].
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
+    /// Execution provider.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: Device,
+    /// With --device cuda: fail rather than fall back to the CPU.
+    #[arg(long)]
+    require_cuda: bool,
+    /// ONNX Runtime intra-op threads per session (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Device {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Image files, folders (their images) or glob patterns.
+    #[arg(required = true)]
+    inputs: Vec<String>,
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+    /// Classes listed per image.
+    #[arg(long, default_value_t = 3)]
+    top_k: usize,
+    /// Below this confidence the label is `unknown`.
+    #[arg(long, default_value_t = 0.0)]
+    threshold: f32,
+    /// Images per inference batch.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to bind (127.0.0.1: this machine only).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// ONNX Runtime sessions serving the queue (each with --threads threads).
+    #[arg(long, default_value_t = 1)]
+    sessions: usize,
+    /// Most images per batch.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Longest a batch waits for more requests, milliseconds.
+    #[arg(long, default_value_t = 5)]
+    max_delay_ms: u64,
+    /// Per-request timeout, seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout_s: u64,
+    /// Largest request body, MiB.
+    #[arg(long, default_value_t = 16)]
+    max_body_mib: usize,
+    /// Require `Authorization: Bearer TOKEN` (health endpoints and the page stay open).
+    #[arg(long, env = "FOOTWEAR_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[arg(long, default_value_t = 3)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.0)]
+    threshold: f32,
+}
+
+fn session_config(m: &ModelArgs) -> SessionConfig {
+    SessionConfig {
+        threads: m.threads,
+        ort_lib: m.ort_lib.clone(),
+        cuda: m.device == Device::Cuda,
+        require_cuda: m.require_cuda,
+    }
+}
+
+fn load(m: &ModelArgs) -> anyhow::Result<OnnxModel> {
+    let t = Instant::now();
+    let model = OnnxModel::load(&m.model, &session_config(m))?;
+    tracing::info!(
+        "{}: model `{}` v{}, {} classes, {} px, execution provider {}, loaded in {:.0} ms",
+        m.model.display(),
+        model.info.description.name,
+        model.info.model_version,
+        model.classes().len(),
+        model.input_size(),
+        model.provider,
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(model)
+}
+
+const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
+
+/// Expands files, folders and globs into a list of files (folders: their images, sorted).
+fn expand(inputs: &[String]) -> (Vec<PathBuf>, Vec<(String, String)>) {
+    let (mut files, mut errors) = (Vec::new(), Vec::new());
+    let is_image = |p: &Path| {
+        p.extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+    };
+    for i in inputs {
+        let p = Path::new(i);
+        if p.is_dir() {
+            match std::fs::read_dir(p) {
+                Ok(rd) => {
+                    let mut v: Vec<PathBuf> =
+                        rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file() && is_image(p)).collect();
+                    v.sort();
+                    files.extend(v);
+                }
+                Err(e) => errors.push((i.clone(), e.to_string())),
+            }
+        } else if p.exists() {
+            files.push(p.to_path_buf());
+        } else if i.contains(['*', '?', '[']) {
+            match glob::glob(i) {
+                Ok(paths) => {
+                    let before = files.len();
+                    files.extend(paths.filter_map(Result::ok).filter(|p| p.is_file()));
+                    if files.len() == before {
+                        errors.push((i.clone(), "the pattern matches no file".into()));
+                    }
+                }
+                Err(e) => errors.push((i.clone(), format!("bad pattern: {e}"))),
+            }
+        } else {
+            errors.push((i.clone(), "no such file or folder".into()));
+        }
+    }
+    (files, errors)
+}
+
+fn predict(a: &PredictArgs) -> anyhow::Result<ExitCode> {
+    let mut model = load(&a.model)?;
+    let (files, mut errors) = expand(&a.inputs);
+    let (size, prep) = (model.input_size() as u32, model.info.description.preprocessing.clone());
+    let classes = model.classes().to_vec();
+    let mut results: Vec<(String, Answer)> = Vec::with_capacity(files.len());
+    let t0 = Instant::now();
+    for chunk in files.chunks(a.batch.max(1)) {
+        let decoded: Vec<(String, Result<Vec<u8>, String>)> = chunk
+            .par_iter()
+            .map(|f| {
+                let r = std::fs::read(f)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| {
+                        modelspec::preprocess::decode_rgb(&b, modelspec::preprocess::DEFAULT_MAX_PIXELS)
+                            .map_err(|e| e.to_string())
+                    })
+                    .map(|img| modelspec::preprocess::resize(&img, size, &prep).into_raw());
+                (f.display().to_string(), r)
+            })
+            .collect();
+        let mut names = Vec::new();
+        let mut pixels = Vec::new();
+        for (name, r) in decoded {
+            match r {
+                Ok(px) => {
+                    names.push(name);
+                    pixels.extend(px);
+                }
+                Err(e) => errors.push((name, e)),
+            }
+        }
+        if names.is_empty() {
+            continue;
+        }
+        let n = names.len();
+        let preds = model.run(pixels, n)?;
+        for (name, p) in names.into_iter().zip(preds) {
+            results.push((name, answer(&p.probabilities, &classes, a.top_k, a.threshold)));
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    for (f, e) in &errors {
+        eprintln!("error: {f}: {e}");
+    }
+    match a.format {
+        Format::Table => {
+            let w = results.iter().map(|(f, _)| f.len()).max().unwrap_or(4).max(4);
+            println!("{:<w$}  {:<10}  {:>10}  top {}", "file", "label", "confidence", a.top_k);
+            for (f, r) in &results {
+                let top: Vec<String> = r.top_k.iter().map(|t| format!("{} {:.3}", t.label, t.probability)).collect();
+                println!("{f:<w$}  {:<10}  {:>10.4}  {}", r.label, r.confidence, top.join(", "));
+            }
+        }
+        Format::Json => {
+            let preds: Vec<serde_json::Value> = results
+                .iter()
+                .map(|(f, r)| serde_json::json!({"file": f, "label": r.label, "confidence": r.confidence, "top_k": r.top_k}))
+                .collect();
+            let errs: Vec<serde_json::Value> =
+                errors.iter().map(|(f, e)| serde_json::json!({"file": f, "error": e})).collect();
+            let out = serde_json::json!({
+                "model": {"name": model.info.description.name, "version": model.info.model_version},
+                "predictions": preds,
+                "errors": errs,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Format::Csv => {
+            println!("file,label,confidence,top_k");
+            for (f, r) in &results {
+                let top: Vec<String> = r.top_k.iter().map(|t| format!("{}:{:.4}", t.label, t.probability)).collect();
+                let quoted = format!("\"{}\"", f.replace('"', "\"\""));
+                println!("{quoted},{},{:.6},{}", r.label, r.confidence, top.join(";"));
+            }
+        }
+    }
+    tracing::info!(
+        "{} images predicted in {:.2} s ({:.1} images/s), {} errors",
+        results.len(),
+        secs,
+        results.len() as f64 / secs.max(1e-9),
+        errors.len()
+    );
+    Ok(if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down: finishing the requests in flight");
+}
+
+fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
+    if a.sessions == 0 || a.max_batch == 0 {
+        bail!("--sessions and --max-batch must be at least 1");
+    }
+    let sessions = (0..a.sessions).map(|_| load(&a.model)).collect::<anyhow::Result<Vec<_>>>()?;
+    let cfg = ServeConfig {
+        batch: BatchConfig { max_batch: a.max_batch, max_delay: Duration::from_millis(a.max_delay_ms) },
+        timeout: Duration::from_secs(a.timeout_s),
+        max_body_bytes: a.max_body_mib << 20,
+        token: a.token.clone(),
+        top_k: a.top_k,
+        threshold: a.threshold,
+        ..ServeConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let addr = format!("{}:{}", a.host, a.port);
+        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+        tracing::info!("serving on http://{} (web page at /, POST /v1/predict, /v2, /metrics)", listener.local_addr()?);
+        server::serve(listener, server::app(sessions, cfg), shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn info(m: &ModelArgs) -> anyhow::Result<ExitCode> {
+    let model = load(m)?;
+    let i = &model.info;
+    let out = serde_json::json!({
+        "file": m.model.display().to_string(),
+        "name": i.description.name,
+        "version": i.model_version,
+        "classes": i.description.classes,
+        "input_size": i.description.input_size,
+        "input_type": i.input_type,
+        "preprocessing": i.preprocessing,
+        "metrics": i.description.metrics,
+        "source": i.description.source,
+        "toolchain": i.toolchain,
+        "execution_provider": model.provider,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let r = match &cli.cmd {
+        Cmd::Predict(a) => predict(a),
+        Cmd::Serve(a) => serve(a),
+        Cmd::Info(m) => info(m),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

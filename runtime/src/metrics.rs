@@ -1,0 +1,96 @@
+//! Prometheus metrics of the server: requests and errors by endpoint, latency, batch sizes,
+//! queue and inference times, queue length.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    endpoint: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    endpoint: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms to ~16 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    latency: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    batch_size: Histogram,
+    queue: Histogram,
+    inference: Histogram,
+    queued: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("footwear");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let latency = Family::<EndpointLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 8));
+        let queue = latency_histogram();
+        let inference = latency_histogram();
+        let queued = Gauge::default();
+        registry.register("http_requests", "HTTP requests by endpoint and status", requests.clone());
+        registry.register("http_errors", "Error answers by endpoint and error code", errors.clone());
+        registry.register("http_request_duration_seconds", "Request latency", latency.clone());
+        registry.register("batch_size_images", "Images per inference batch", batch_size.clone());
+        registry.register("queue_seconds", "Time a request waited for its batch", queue.clone());
+        registry.register("inference_seconds", "ONNX Runtime time per batch", inference.clone());
+        registry.register("queued_requests", "Requests waiting for a session", queued.clone());
+        Self { registry, requests, errors, latency, batch_size, queue, inference, queued }
+    }
+
+    pub fn request(&self, endpoint: &str, status: u16, latency: Duration, error_code: Option<&str>) {
+        let endpoint = endpoint.to_string();
+        self.requests.get_or_create(&RequestLabels { endpoint: endpoint.clone(), status: status.to_string() }).inc();
+        if let Some(code) = error_code {
+            self.errors.get_or_create(&ErrorLabels { endpoint: endpoint.clone(), code: code.into() }).inc();
+        }
+        self.latency.get_or_create(&EndpointLabels { endpoint }).observe(latency.as_secs_f64());
+    }
+
+    pub fn batch(&self, size: usize, queue: Duration, inference: Duration) {
+        self.batch_size.observe(size as f64);
+        self.queue.observe(queue.as_secs_f64());
+        self.inference.observe(inference.as_secs_f64());
+    }
+
+    pub fn set_queue(&self, n: usize) {
+        self.queued.set(n as i64);
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &self.registry).expect("writing to a String");
+        s
+    }
+}

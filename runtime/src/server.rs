@@ -1,0 +1,498 @@
+//! The HTTP server: `POST /v1/predict`, the Open Inference Protocol (KServe v2) REST endpoints,
+//! Prometheus `/metrics` and a small web page at `/`. Every error is a JSON body
+//! `{"error": "...", "code": "..."}` with a 4xx/5xx status (the v2 protocol's error shape, plus a
+//! machine-readable code); no panic reaches a client.
+
+use crate::answer::{answer, Answer};
+use crate::batcher::{BatchConfig, Batched, Batcher};
+use crate::metrics::Metrics;
+use crate::model::OnnxModel;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use modelspec::onnx_meta::{INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME};
+use modelspec::preprocess::{self, ImageError};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub batch: BatchConfig,
+    /// Longest a request may wait for its answer (queue + inference).
+    pub timeout: Duration,
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
+    /// Largest image, pixels (checked from the header, before decoding).
+    pub max_pixels: u64,
+    /// Required `Authorization: Bearer` token, if any (health and the page stay open).
+    pub token: Option<String>,
+    pub top_k: usize,
+    pub threshold: f32,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            batch: BatchConfig { max_batch: 16, max_delay: Duration::from_millis(5) },
+            timeout: Duration::from_secs(30),
+            max_body_bytes: 16 << 20,
+            max_pixels: preprocess::DEFAULT_MAX_PIXELS,
+            token: None,
+            top_k: 3,
+            threshold: 0.0,
+        }
+    }
+}
+
+/// What the handlers share.
+pub struct AppState {
+    batcher: Batcher,
+    name: String,
+    version: String,
+    classes: Vec<String>,
+    size: usize,
+    resize: modelspec::Preprocessing,
+    cfg: ServeConfig,
+    metrics: Metrics,
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(json!({"error": self.message, "code": self.code}))).into_response();
+        r.extensions_mut().insert(ErrorCode(self.code));
+        r
+    }
+}
+
+/// The error code of a response, for the error counter.
+#[derive(Clone, Copy)]
+struct ErrorCode(&'static str);
+
+fn image_error(part: &str, e: ImageError) -> ApiError {
+    match e {
+        ImageError::TooLarge { .. } => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "image_too_large", format!("{part}: {e}"))
+        }
+        _ => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_image", format!("{part}: {e}")),
+    }
+}
+
+fn body_error(e: impl std::fmt::Display, limit: usize) -> ApiError {
+    let msg = e.to_string();
+    if msg.contains("length limit") || msg.contains("too large") {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body over the limit of {limit} bytes"),
+        )
+    } else {
+        ApiError::bad_request("bad_body", format!("cannot read the request body: {msg}"))
+    }
+}
+
+impl AppState {
+    /// Decodes and resizes images off the async threads.
+    async fn to_pixels(&self, parts: Vec<(String, Bytes)>) -> Result<(Vec<String>, Vec<u8>), ApiError> {
+        let (size, prep, max) = (self.size as u32, self.resize.clone(), self.cfg.max_pixels);
+        tokio::task::spawn_blocking(move || {
+            let mut names = Vec::with_capacity(parts.len());
+            let mut pixels = Vec::with_capacity(parts.len() * (size * size * 3) as usize);
+            for (name, bytes) in parts {
+                let img = preprocess::decode_rgb(&bytes, max).map_err(|e| image_error(&name, e))?;
+                pixels.extend_from_slice(preprocess::resize(&img, size, &prep).as_raw());
+                names.push(name);
+            }
+            Ok((names, pixels))
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("decoding failed: {e}")))?
+    }
+
+    async fn infer(&self, pixels: Vec<u8>, n: usize) -> Result<Batched, ApiError> {
+        let b = tokio::time::timeout(self.cfg.timeout, self.batcher.submit(pixels, n))
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "timeout",
+                    format!("no answer within {:?}; the server is overloaded, retry later", self.cfg.timeout),
+                )
+            })?
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference_failed", e))?;
+        self.metrics.batch(b.batch_size, b.queue, b.inference);
+        Ok(b)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct PredictQuery {
+    top_k: Option<usize>,
+    threshold: Option<f32>,
+}
+
+#[derive(Serialize)]
+struct NamedAnswer {
+    file: String,
+    #[serde(flatten)]
+    answer: Answer,
+}
+
+const IMAGE_TYPES: &str = "image/jpeg, image/png, image/webp, application/octet-stream or multipart/form-data";
+
+/// `POST /v1/predict`: the image as the body, or one or several images as multipart parts.
+async fn predict(
+    State(s): State<Arc<AppState>>,
+    Query(q): Query<PredictQuery>,
+    req: Request,
+) -> Result<Json<Value>, ApiError> {
+    let t0 = Instant::now();
+    let ctype = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let mime = ctype.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let limit = s.cfg.max_body_bytes;
+    let parts: Vec<(String, Bytes)> = if mime == "multipart/form-data" {
+        let mut mp = Multipart::from_request(req, &()).await.map_err(|e| body_error(e, limit))?;
+        let mut parts = Vec::new();
+        while let Some(field) = mp.next_field().await.map_err(|e| body_error(e, limit))? {
+            let name = field
+                .file_name()
+                .or(field.name())
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("part {}", parts.len() + 1));
+            let bytes = field.bytes().await.map_err(|e| body_error(e, limit))?;
+            parts.push((name, bytes));
+        }
+        if parts.is_empty() {
+            return Err(ApiError::bad_request("no_image", "the multipart body has no parts; send one image per part"));
+        }
+        parts
+    } else if mime.is_empty() || mime.starts_with("image/") || mime == "application/octet-stream" {
+        let bytes = Bytes::from_request(req, &()).await.map_err(|e| body_error(e, limit))?;
+        vec![("body".to_string(), bytes)]
+    } else {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_content_type",
+            format!("content type `{ctype}` is not an image; send {IMAGE_TYPES}"),
+        ));
+    };
+    if parts.len() > s.cfg.batch.max_batch.max(64) {
+        return Err(ApiError::bad_request("too_many_images", format!("{} images in one request", parts.len())));
+    }
+    let (names, pixels) = s.to_pixels(parts).await?;
+    let decoded = t0.elapsed();
+    let n = names.len();
+    let b = s.infer(pixels, n).await?;
+    let (k, threshold) = (q.top_k.unwrap_or(s.cfg.top_k), q.threshold.unwrap_or(s.cfg.threshold));
+    let answers: Vec<NamedAnswer> = names
+        .into_iter()
+        .zip(&b.predictions)
+        .map(|(file, p)| NamedAnswer { file, answer: answer(&p.probabilities, &s.classes, k, threshold) })
+        .collect();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut body = json!({
+        "model": {"name": s.name, "version": s.version},
+        "timings_ms": {"decode": ms(decoded), "queue": ms(b.queue), "inference": ms(b.inference), "total": ms(t0.elapsed())},
+        "batch_size": b.batch_size,
+    });
+    if let [one] = answers.as_slice() {
+        body["label"] = json!(one.answer.label);
+        body["confidence"] = json!(one.answer.confidence);
+        body["top_k"] = json!(one.answer.top_k);
+    }
+    body["predictions"] = json!(answers);
+    Ok(Json(body))
+}
+
+fn check_model(s: &AppState, name: &str) -> Result<(), ApiError> {
+    if name == s.name {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_model",
+            format!("model `{name}` not found; this server serves `{}`", s.name),
+        ))
+    }
+}
+
+async fn v2_server() -> Json<Value> {
+    Json(json!({"name": "footwear-runtime", "version": env!("CARGO_PKG_VERSION"), "extensions": []}))
+}
+
+async fn v2_live() -> Json<Value> {
+    Json(json!({"live": true}))
+}
+
+async fn v2_ready() -> Json<Value> {
+    Json(json!({"ready": true}))
+}
+
+async fn v2_model(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    check_model(&s, &name)?;
+    let (n, c) = (s.size as i64, s.classes.len());
+    Ok(Json(json!({
+        "name": s.name,
+        "versions": [s.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, n, n, 3]}],
+        "outputs": [
+            {"name": LOGITS_NAME, "datatype": "FP32", "shape": [-1, c]},
+            {"name": PROBABILITIES_NAME, "datatype": "FP32", "shape": [-1, c]},
+        ],
+        "parameters": {"classes": s.classes},
+    })))
+}
+
+async fn v2_model_ready(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    check_model(&s, &name)?;
+    Ok(Json(json!({"name": s.name, "ready": true})))
+}
+
+#[derive(Deserialize)]
+struct InferInput {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    data: Value,
+}
+
+#[derive(Deserialize)]
+struct InferOutputRequest {
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct InferRequest {
+    id: Option<String>,
+    inputs: Vec<InferInput>,
+    #[serde(default)]
+    outputs: Option<Vec<InferOutputRequest>>,
+}
+
+/// Flattens a (possibly nested) JSON array of numbers into pixel bytes.
+fn flatten_pixels(v: &Value, out: &mut Vec<u8>) -> Result<(), String> {
+    match v {
+        Value::Array(a) => a.iter().try_for_each(|x| flatten_pixels(x, out)),
+        Value::Number(n) => match n
+            .as_u64()
+            .filter(|&x| x <= 255)
+            .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && (0.0..=255.0).contains(f)).map(|f| f as u64))
+        {
+            Some(x) => {
+                out.push(x as u8);
+                Ok(())
+            }
+            None => Err(format!("{n} is not a UINT8 value (0-255)")),
+        },
+        other => Err(format!("{other} is not a number")),
+    }
+}
+
+/// `POST /v2/models/{name}/infer` (Open Inference Protocol, JSON tensors).
+async fn v2_infer(
+    State(s): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    check_model(&s, &name)?;
+    let body = body.map_err(|e| body_error(e, s.cfg.max_body_bytes))?;
+    let req: InferRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("inference request: {e}")))?;
+    let [input] = req.inputs.as_slice() else {
+        return Err(ApiError::bad_request(
+            "bad_inputs",
+            format!("expected exactly one input `{INPUT_NAME}`, got {}", req.inputs.len()),
+        ));
+    };
+    if input.name != INPUT_NAME {
+        return Err(ApiError::bad_request(
+            "bad_inputs",
+            format!("unknown input `{}`; the model's input is `{INPUT_NAME}`", input.name),
+        ));
+    }
+    if input.datatype != "UINT8" {
+        return Err(ApiError::bad_request(
+            "bad_datatype",
+            format!("input datatype {} (expected UINT8)", input.datatype),
+        ));
+    }
+    let sz = s.size as i64;
+    let n = match input.shape.as_slice() {
+        [n, h, w, 3] if *n >= 1 && *h == sz && *w == sz => *n as usize,
+        other => {
+            return Err(ApiError::bad_request(
+                "bad_shape",
+                format!("input shape {other:?} (expected [N, {sz}, {sz}, 3] with N >= 1)"),
+            ))
+        }
+    };
+    if n > s.cfg.batch.max_batch.max(64) {
+        return Err(ApiError::bad_request("too_many_images", format!("{n} images in one request")));
+    }
+    let mut pixels = Vec::with_capacity(n * s.size * s.size * 3);
+    flatten_pixels(&input.data, &mut pixels)
+        .map_err(|e| ApiError::bad_request("bad_data", format!("input data: {e}")))?;
+    if pixels.len() != n * s.size * s.size * 3 {
+        return Err(ApiError::bad_request(
+            "bad_shape",
+            format!("{} values for shape {:?} ({} expected)", pixels.len(), input.shape, n * s.size * s.size * 3),
+        ));
+    }
+    let wanted: Vec<String> = match &req.outputs {
+        Some(o) if !o.is_empty() => o.iter().map(|o| o.name.clone()).collect(),
+        _ => vec![LOGITS_NAME.into(), PROBABILITIES_NAME.into()],
+    };
+    if let Some(bad) = wanted.iter().find(|w| *w != LOGITS_NAME && *w != PROBABILITIES_NAME) {
+        return Err(ApiError::bad_request("bad_outputs", format!("unknown output `{bad}`")));
+    }
+    let b = s.infer(pixels, n).await?;
+    let c = s.classes.len();
+    let outputs: Vec<Value> = wanted
+        .iter()
+        .map(|w| {
+            let data: Vec<f32> = b
+                .predictions
+                .iter()
+                .flat_map(|p| if w == LOGITS_NAME { p.logits.clone() } else { p.probabilities.clone() })
+                .collect();
+            json!({"name": w, "datatype": "FP32", "shape": [n, c], "data": data})
+        })
+        .collect();
+    let mut out = json!({"model_name": s.name, "model_version": s.version, "outputs": outputs});
+    if let Some(id) = req.id {
+        out["id"] = json!(id);
+    }
+    Ok(Json(out))
+}
+
+async fn metrics_page(State(s): State<Arc<AppState>>) -> Response {
+    s.metrics.set_queue(s.batcher.queued());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.encode()).into_response()
+}
+
+async fn page(State(s): State<Arc<AppState>>) -> Html<String> {
+    let name = s.name.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    Html(include_str!("../web/index.html").replace("{{MODEL}}", &name))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see / for the page, /v1/predict, /v2/...")
+}
+
+/// The route a path belongs to, as a metrics label (model names folded, unknown paths `other`,
+/// so that clients cannot grow the label set).
+fn endpoint_label(path: &str) -> String {
+    const FIXED: [&str; 6] = ["/", "/v1/predict", "/v2", "/v2/health/live", "/v2/health/ready", "/metrics"];
+    if let Some(f) = FIXED.iter().find(|f| **f == path) {
+        return f.to_string();
+    }
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["v2", "models", _] => "/v2/models/{name}",
+        ["v2", "models", _, "ready"] => "/v2/models/{name}/ready",
+        ["v2", "models", _, "infer"] => "/v2/models/{name}/infer",
+        ["v2", "models", _, "versions", _] => "/v2/models/{name}/versions/{version}",
+        _ => "other",
+    }
+    .to_string()
+}
+
+/// Counts every request by endpoint and status, with its latency.
+async fn observe(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let endpoint = endpoint_label(req.uri().path());
+    let t0 = Instant::now();
+    let r = next.run(req).await;
+    let code = r.extensions().get::<ErrorCode>().map(|c| c.0);
+    s.metrics.request(&endpoint, r.status().as_u16(), t0.elapsed(), code);
+    r
+}
+
+/// The bearer token, when one is set.
+async fn authorize(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    if let Some(token) = &s.cfg.token {
+        let given =
+            headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(token.as_str()) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong `Authorization: Bearer` token",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; the server keeps serving")
+        .into_response()
+}
+
+/// The application: routes, limits, auth, metrics, panic guard.
+pub fn app(sessions: Vec<OnnxModel>, cfg: ServeConfig) -> Router {
+    let first = &sessions[0];
+    let d = &first.info.description;
+    let state = Arc::new(AppState {
+        name: d.name.clone(),
+        version: first.info.model_version.to_string(),
+        classes: d.classes.clone(),
+        size: d.input_size,
+        resize: d.preprocessing.clone(),
+        metrics: Metrics::new(),
+        batcher: Batcher::start(sessions, cfg.batch),
+        cfg,
+    });
+    let protected = Router::new()
+        .route("/v1/predict", post(predict))
+        .route("/v2/models/{name}", get(v2_model))
+        .route("/v2/models/{name}/versions/{version}", get(v2_model))
+        .route("/v2/models/{name}/ready", get(v2_model_ready))
+        .route("/v2/models/{name}/infer", post(v2_infer))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new()
+        .route("/", get(page))
+        .route("/v2", get(v2_server))
+        .route("/v2/health/live", get(v2_live))
+        .route("/v2/health/ready", get(v2_ready))
+        .route("/metrics", get(metrics_page))
+        .merge(protected)
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .with_state(state)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then finishes the requests in flight.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}

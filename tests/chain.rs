@@ -1,0 +1,373 @@
+//! The whole chain on real footwear photos: a small model trained and exported, then the
+//! `footwear` binary serving it over HTTP (real requests, every bad input), predicting from the
+//! command line, and its web page driven in headless Chromium.
+
+use e2e::{footwear_bin, ort_lib, test_photos, trained};
+use reqwest::blocking::{multipart, Client};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "s3cret";
+
+/// A running `footwear serve`, stopped with SIGTERM on drop.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(onnx: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(footwear_bin())
+            .args(["serve", "--port", "0", "--threads", "2", "--max-delay-ms", "10", "-m"])
+            .arg(onnx)
+            .arg("--ort-lib")
+            .arg(ort_lib())
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[server] {line}");
+                if let Some(i) = line.find("http://127.0.0.1:") {
+                    let port: String = line[i + 17..].chars().take_while(char::is_ascii_digit).collect();
+                    let _ = tx.send(port);
+                }
+            }
+        });
+        let port = rx.recv_timeout(Duration::from_secs(60)).expect("the server did not start");
+        Server { child, url: format!("http://127.0.0.1:{port}") }
+    }
+
+    /// SIGTERM, then the exit status (graceful shutdown).
+    fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "no exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn client() -> Client {
+    Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+}
+
+/// Status and JSON body; every answer of the server is JSON except `/` and `/metrics`.
+fn json(r: reqwest::blocking::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let text = r.text().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}")))
+}
+
+/// A PNG whose header claims `w` x `h` pixels, with a token of compressed data.
+fn png_header(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(data: &[u8]) -> u32 {
+        let mut c = 0xffff_ffffu32;
+        for &b in data {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    }
+    let mut png = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        png.extend((data.len() as u32).to_be_bytes());
+        let body = [kind, data].concat();
+        png.extend(&body);
+        png.extend(crc32(&body).to_be_bytes());
+    };
+    chunk(b"IHDR", &[&w.to_be_bytes()[..], &h.to_be_bytes(), &[8, 2, 0, 0, 0]].concat());
+    chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    chunk(b"IEND", &[]);
+    png
+}
+
+#[test]
+fn server_labels_real_photos_and_answers_every_bad_input_with_a_json_4xx() {
+    let t = trained();
+    let server = Server::start(&t.onnx, &["--token", TOKEN, "--max-body-mib", "1"]);
+    let c = client();
+    let url = |p: &str| format!("{}{p}", server.url);
+    let auth = format!("Bearer {TOKEN}");
+
+    // Health and metadata (open endpoints, then the KServe v2 model metadata).
+    assert_eq!(json(c.get(url("/v2/health/live")).send().unwrap()), (200, serde_json::json!({"live": true})));
+    assert_eq!(json(c.get(url("/v2/health/ready")).send().unwrap()).0, 200);
+    let (s, meta) = json(c.get(url("/v2/models/footwear")).header("Authorization", &auth).send().unwrap());
+    assert_eq!(s, 200);
+    assert_eq!(meta["inputs"][0]["shape"], serde_json::json!([-1, 96, 96, 3]));
+    assert_eq!(meta["parameters"]["classes"], serde_json::json!(["boot", "sandal", "shoe"]));
+    assert_eq!(json(c.get(url("/v2/models/footwear/ready")).header("Authorization", &auth).send().unwrap()).0, 200);
+
+    // Real photos, one per request, 16 clients at once.
+    let photos = test_photos(&t.data, 5);
+    let answers: Vec<(String, Value)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = photos
+            .iter()
+            .map(|(f, class)| {
+                let (c, u, auth) = (c.clone(), url("/v1/predict"), auth.clone());
+                sc.spawn(move || {
+                    let body = std::fs::read(f).unwrap();
+                    let r = c.post(u).header("Content-Type", "image/jpeg").header("Authorization", auth).body(body);
+                    let (s, v) = json(r.send().unwrap());
+                    assert_eq!(s, 200, "{v}");
+                    (class.clone(), v)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let correct = answers.iter().filter(|(class, v)| v["label"] == class.as_str()).count();
+    for (_, v) in &answers {
+        assert_eq!(v["model"], serde_json::json!({"name": "footwear", "version": "7"}));
+        assert!(v["confidence"].as_f64().unwrap() > 0.0 && v["top_k"].as_array().unwrap().len() == 3);
+        assert!(v["timings_ms"]["inference"].as_f64().unwrap() > 0.0);
+    }
+    // A 96 px head-only model trained on 90 photos; the full model is far better (docs/training.md).
+    assert!(correct >= 12, "{correct}/15 photos labelled as their class: {answers:?}");
+    println!("HTTP: {correct}/15 real test photos labelled correctly (trainer's test accuracy {:.3})", t.test_accuracy);
+
+    // Several images in one multipart request.
+    let mut form = multipart::Form::new();
+    for (f, _) in photos.iter().take(3) {
+        let part = multipart::Part::bytes(std::fs::read(f).unwrap())
+            .file_name(f.file_name().unwrap().to_string_lossy().into_owned())
+            .mime_str("image/jpeg")
+            .unwrap();
+        form = form.part("image", part);
+    }
+    let (s, v) = json(c.post(url("/v1/predict")).header("Authorization", &auth).multipart(form).send().unwrap());
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["predictions"].as_array().unwrap().len(), 3);
+    assert_eq!(v["predictions"][0]["label"], answers[0].1["label"]);
+
+    // KServe v2 inference on the same photo's pixels gives the same class.
+    let img = modelspec::preprocess::decode_rgb(&std::fs::read(&photos[0].0).unwrap(), u64::MAX).unwrap();
+    let px = modelspec::preprocess::resize(&img, 96, &modelspec::Preprocessing::default()).into_raw();
+    let req = serde_json::json!({"id": "r1", "inputs": [{"name": "image", "shape": [1, 96, 96, 3], "datatype": "UINT8", "data": px}]});
+    let (s, v) =
+        json(c.post(url("/v2/models/footwear/infer")).header("Authorization", &auth).json(&req).send().unwrap());
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["id"], "r1");
+    let probs: Vec<f64> = v["outputs"][1]["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let top = (0..3).max_by(|&a, &b| probs[a].total_cmp(&probs[b])).unwrap();
+    assert_eq!(["boot", "sandal", "shoe"][top], answers[0].1["label"]);
+
+    // Bad input: each gets a 4xx JSON error saying what is wrong.
+    let jpeg = std::fs::read(&photos[0].0).unwrap();
+    let post = |ctype: &str, body: Vec<u8>| {
+        json(
+            c.post(url("/v1/predict"))
+                .header("Content-Type", ctype)
+                .header("Authorization", &auth)
+                .body(body)
+                .send()
+                .unwrap(),
+        )
+    };
+    let cases: Vec<(&str, (u16, Value), u16, &str)> = vec![
+        ("not an image", post("image/jpeg", b"hello, this is text".to_vec()), 422, "invalid_image"),
+        ("truncated JPEG", post("image/jpeg", jpeg[..jpeg.len() / 2].to_vec()), 422, "invalid_image"),
+        ("0 bytes", post("image/jpeg", Vec::new()), 422, "invalid_image"),
+        ("50,000 x 50,000 header", post("image/png", png_header(50_000, 50_000)), 413, "image_too_large"),
+        ("body over 1 MiB", post("image/jpeg", vec![0u8; 2 << 20]), 413, "body_too_large"),
+        ("wrong content type", post("application/json", b"{}".to_vec()), 415, "unsupported_content_type"),
+    ];
+    for (what, (status, v), want, code) in &cases {
+        assert_eq!(*status, *want, "{what}: {v}");
+        assert_eq!(v["code"], *code, "{what}: {v}");
+        assert!(!v["error"].as_str().unwrap().is_empty(), "{what}: {v}");
+        println!("{what}: {status} {}", v["error"]);
+    }
+    let infer = |model: &str, body: &str| {
+        json(
+            c.post(url(&format!("/v2/models/{model}/infer")))
+                .header("Content-Type", "application/json")
+                .header("Authorization", &auth)
+                .body(body.to_string())
+                .send()
+                .unwrap(),
+        )
+    };
+    let (s, v) = infer("footwear", "{\"inputs\": [");
+    assert_eq!((s, v["code"].as_str()), (400, Some("malformed_json")), "{v}");
+    let (s, v) = infer(
+        "footwear",
+        r#"{"inputs": [{"name": "image", "shape": [1, 5, 5, 3], "datatype": "UINT8", "data": [1]}]}"#,
+    );
+    assert_eq!((s, v["code"].as_str()), (400, Some("bad_shape")), "{v}");
+    let (s, v) = infer("sneakers", "{}");
+    assert_eq!((s, v["code"].as_str()), (404, Some("unknown_model")), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("sneakers"));
+    let (s, v) =
+        json(c.post(url("/v1/predict")).header("Content-Type", "image/jpeg").body(jpeg.clone()).send().unwrap());
+    assert_eq!((s, v["code"].as_str()), (401, Some("unauthorized")), "{v}");
+    let (s, v) = json(c.get(url("/nope")).send().unwrap());
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")), "{v}");
+
+    // Still serving, and the metrics counted all of it.
+    assert_eq!(post("image/jpeg", jpeg.clone()).0, 200);
+    let m = c.get(url("/metrics")).send().unwrap().text().unwrap();
+    for want in [
+        "footwear_http_requests_total{endpoint=\"/v1/predict\",status=\"200\"}",
+        "footwear_http_errors_total{endpoint=\"/v1/predict\",code=\"invalid_image\"} 3",
+        "footwear_http_request_duration_seconds_bucket",
+        "footwear_batch_size_images_bucket",
+        "footwear_queue_seconds_count",
+    ] {
+        assert!(m.contains(want), "/metrics lacks {want}:\n{m}");
+    }
+    let page = c.get(url("/")).send().unwrap().text().unwrap();
+    assert!(page.contains("type=\"file\"") && !page.contains("http://") && !page.contains("https://"));
+
+    assert!(server.stop().success(), "graceful shutdown");
+}
+
+#[test]
+fn cli_predicts_files_folders_and_globs_and_reports_unreadable_files() {
+    let t = trained();
+    let bad = t.dir.join("corrupt.jpg");
+    std::fs::write(&bad, b"\xff\xd8\xff\xe0 not really a jpeg").unwrap();
+    let glob = format!("{}/test/sandal/*.jpg", t.data.display());
+    let out = Command::new(footwear_bin())
+        .args(["predict", "--format", "json", "--top-k", "2", "-m"])
+        .arg(&t.onnx)
+        .arg("--ort-lib")
+        .arg(ort_lib())
+        .arg(t.data.join("test/boot"))
+        .arg(&glob)
+        .arg(&bad)
+        .arg(t.data.join("test/shoe").join("missing.jpg"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "exit code 2 when some inputs fail: {stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let preds = v["predictions"].as_array().unwrap();
+    assert_eq!(preds.len(), 60, "30 boots + 30 sandals");
+    assert!(preds.iter().all(|p| p["top_k"].as_array().unwrap().len() == 2));
+    let errors = v["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors.iter().any(|e| e["file"].as_str().unwrap().ends_with("corrupt.jpg")));
+    assert!(stderr.contains("corrupt.jpg") && stderr.contains("missing.jpg"));
+    let right = preds
+        .iter()
+        .filter(|p| p["file"].as_str().unwrap().contains(&format!("/{}/", p["label"].as_str().unwrap())))
+        .count();
+    println!("CLI: {right}/60 labelled as their folder");
+    assert!(right >= 48, "{right}/60");
+
+    // A threshold above every confidence answers `unknown`; CSV has a header and one row per image.
+    let out = Command::new(footwear_bin())
+        .args(["predict", "--format", "csv", "--threshold", "1.01", "-m"])
+        .arg(&t.onnx)
+        .arg("--ort-lib")
+        .arg(ort_lib())
+        .arg(t.data.join("test/shoe"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let csv = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(csv.lines().count(), 31);
+    assert!(csv.lines().skip(1).all(|l| l.split(',').nth(1) == Some("unknown")), "{csv}");
+
+    // A missing model is a fatal error (exit code 1) naming the file.
+    let out = Command::new(footwear_bin()).args(["predict", "-m", "/no/model.onnx", "x.jpg"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/model.onnx"));
+}
+
+#[test]
+fn web_page_in_headless_chromium_uploads_a_photo_and_shows_its_label() {
+    let t = trained();
+    let server = Server::start(&t.onnx, &[]);
+    let photo = std::fs::canonicalize(&test_photos(&t.data, 1)[1].0).unwrap(); // a sandal
+    let expected = {
+        let r =
+            client().post(format!("{}/v1/predict", server.url)).body(std::fs::read(&photo).unwrap()).send().unwrap();
+        json(r).1["label"].as_str().unwrap().to_string()
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut driver = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("chromedriver (Debian's chromium-driver; .ci/run installs it)");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let shown = rt.block_on(async {
+        let caps: serde_json::Map<String, Value> = serde_json::from_value(serde_json::json!({
+            "goog:chromeOptions": {"args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]}
+        }))
+        .unwrap();
+        let mut c = None;
+        for _ in 0..50 {
+            match fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new()).capabilities(caps.clone()).connect(&format!("http://127.0.0.1:{port}")).await {
+                Ok(client) => {
+                    c = Some(client);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        let c = c.expect("cannot reach chromedriver");
+        c.goto(&server.url).await.unwrap();
+        let input = c.find(fantoccini::Locator::Css("#file")).await.unwrap();
+        input.send_keys(&photo.display().to_string()).await.unwrap();
+        let t0 = Instant::now();
+        let text = loop {
+            let text = c.find(fantoccini::Locator::Css("#label")).await.unwrap().text().await.unwrap();
+            if !text.is_empty() && text != "…" {
+                break text;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "no label shown");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let bars = c.find_all(fantoccini::Locator::Css("#probs .bar")).await.unwrap().len();
+        let error = c.find(fantoccini::Locator::Css("#error")).await.unwrap().text().await.unwrap();
+        c.close().await.unwrap();
+        (text, bars, error)
+    });
+    let _ = driver.kill();
+    let _ = driver.wait();
+    let (text, bars, error) = shown;
+    println!("page shows: {text}");
+    assert!(error.is_empty(), "{error}");
+    assert!(text.starts_with(&format!("{expected} (")), "page shows `{text}`, the API says `{expected}`");
+    assert_eq!(bars, 3, "one probability bar per class");
+}
+
+#[test]
+fn runtime_has_no_candle_in_its_dependency_tree() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(e2e::repo())
+        .args(["tree", "--offline", "-p", "runtime", "-e", "normal,build", "--prefix", "none"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tree = String::from_utf8(out.stdout).unwrap();
+    assert!(tree.contains("ort v2.0.0-rc.15") && tree.contains("modelspec"), "{tree}");
+    let candle: Vec<&str> = tree.lines().filter(|l| l.starts_with("candle")).collect();
+    assert!(candle.is_empty(), "the runtime depends on {candle:?}");
+}

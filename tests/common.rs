@@ -1,0 +1,93 @@
+//! Shared set-up of the end-to-end tests: a small footwear model trained, exported and served
+//! once per test binary.
+
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn footwear() -> PathBuf {
+    repo().join("../shared/data/footwear")
+}
+
+/// The ONNX Runtime library installed by scripts/setup-onnxruntime.sh.
+pub fn ort_lib() -> PathBuf {
+    let lib = repo().join(runtime::ortlib::INSTALL_DIR).join(runtime::ortlib::LIB_NAME);
+    assert!(lib.exists(), "{} is missing: run scripts/setup-onnxruntime.sh first", lib.display());
+    lib
+}
+
+/// The `footwear` binary, built by scripts/test.sh before the tests run.
+pub fn footwear_bin() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"));
+    let bin = target.join("release/footwear");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release -p runtime` (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A small footwear model (head only, 96 px, 30 photos per class), exported to ONNX; built once.
+pub struct Trained {
+    pub dir: PathBuf,
+    pub onnx: PathBuf,
+    pub data: PathBuf,
+    pub test_accuracy: f64,
+}
+
+pub fn trained() -> &'static Trained {
+    static T: OnceLock<Trained> = OnceLock::new();
+    T.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("e2e-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let data = dir.join("data");
+        trainer::data::link_subset(&footwear(), &data, 30).unwrap();
+        let weights = std::env::var_os("WEIGHTS_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("weights"));
+        let mut cfg = trainer::config::TrainConfig {
+            data: data.clone(),
+            base: weights.join("xception-imagenet"),
+            out: dir.join("run"),
+            image_size: 96,
+            variants: 1,
+            fine_tune_from: 15,
+            batch_size: 16,
+            feature_cache: "".into(),
+            ..Default::default()
+        };
+        cfg.fine_tune.epochs = 0;
+        cfg.head.epochs = 25;
+        let outcome = trainer::train::run(&cfg, false, &Device::Cpu).expect("training the small model");
+        let onnx = dir.join("model.onnx");
+        let o = exporter::ExportOptions {
+            run_dir: cfg.out.clone(),
+            out: onnx.clone(),
+            precision: exporter::graph::Precision::F32,
+            model_version: 7,
+            verify: true,
+            samples: vec![],
+            max_samples: 3,
+            candle_onnx: false,
+            tolerance: 1e-4,
+            ort: runtime::SessionConfig { threads: 2, ort_lib: Some(ort_lib()), ..Default::default() },
+        };
+        exporter::export(&o).expect("exporting the small model");
+        Trained { dir, onnx, data, test_accuracy: outcome.test.accuracy }
+    })
+}
+
+/// The first `n` test photos of each class, with their class.
+pub fn test_photos(data: &Path, n: usize) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    for class in ["boot", "sandal", "shoe"] {
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(data.join("test").join(class)).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        out.extend(files.into_iter().take(n).map(|f| (f, class.to_string())));
+    }
+    out
+}
