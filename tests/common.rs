@@ -67,6 +67,7 @@ pub fn trained() -> &'static Trained {
             run_dir: cfg.out.clone(),
             out: onnx.clone(),
             precision: exporter::graph::Precision::F32,
+            input_type: modelspec::onnx_meta::InputType::Uint8,
             model_version: 7,
             verify: true,
             samples: vec![],

@@ -3,6 +3,7 @@
 //!
 //! - Input `image`: uint8 [N, size, size, 3], the decoded and resized RGB image; the graph casts
 //!   it, scales it to [-1, 1] and transposes it to NCHW, so a runtime only decodes and resizes.
+//!   (With [`InputType::Float32`]: float [N, size, size, 3] already scaled, for float-only tools.)
 //! - Every convolution has its batch-norm folded in (`w·s`, `β − μ·s`, `s = γ/√(σ²+ε)`, as the
 //!   Candle model folds them); depthwise convolutions are `Conv` with `group = channels`.
 //! - 'same' max-pooling is `Pad` (reflect) + `MaxPool`: for a 3x3 window padded by one, the
@@ -22,7 +23,7 @@ use candle_onnx::onnx::{
 };
 use models::head::{DENSE, LOGITS};
 use models::layers::{self, Block, BN_EPSILON, FEATURES};
-use modelspec::onnx_meta::{FEATURES_NAME, INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME};
+use modelspec::onnx_meta::{InputType, FEATURES_NAME, INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME};
 use modelspec::ModelDescription;
 use std::collections::HashMap;
 
@@ -244,18 +245,24 @@ pub fn build(
     desc: &ModelDescription,
     w: &Weights,
     precision: Precision,
+    input_type: InputType,
     props: &[(String, String)],
     model_version: i64,
     producer: (&str, &str),
 ) -> Result<ModelProto, GraphError> {
     let mut b = Builder { w, precision, nodes: Vec::new(), inits: Vec::new() };
     let p = &desc.preprocessing;
-    let x = b.node("Cast", "input/cast", &[INPUT_NAME], vec![int("to", DataType::Float as i64)]);
-    let scale = b.const_f32("input/scale_value", p.scale);
-    let x = b.node("Mul", "input/scale", &[&x, &scale], vec![]);
-    let offset = b.const_f32("input/offset_value", p.offset);
-    let x = b.node("Add", "input/offset", &[&x, &offset], vec![]);
-    let mut x = b.node("Transpose", "input/nchw", &[&x], vec![ints("perm", &[0, 3, 1, 2])]);
+    let scaled = match input_type {
+        InputType::Uint8 => {
+            let x = b.node("Cast", "input/cast", &[INPUT_NAME], vec![int("to", DataType::Float as i64)]);
+            let scale = b.const_f32("input/scale_value", p.scale);
+            let x = b.node("Mul", "input/scale", &[&x, &scale], vec![]);
+            let offset = b.const_f32("input/offset_value", p.offset);
+            b.node("Add", "input/offset", &[&x, &offset], vec![])
+        }
+        InputType::Float32 => INPUT_NAME.to_string(),
+    };
+    let mut x = b.node("Transpose", "input/nchw", &[&scaled], vec![ints("perm", &[0, 3, 1, 2])]);
     if precision == Precision::F16 {
         x = b.node("Cast", "input/f16", &[&x], vec![int("to", DataType::Float16 as i64)]);
     }
@@ -326,7 +333,11 @@ pub fn build(
         name: desc.name.clone(),
         node: b.nodes,
         initializer: b.inits,
-        input: vec![value_info(INPUT_NAME, DataType::Uint8, &[batch, Ok(s), Ok(s), Ok(3)])],
+        input: vec![value_info(
+            INPUT_NAME,
+            if input_type == InputType::Uint8 { DataType::Uint8 } else { DataType::Float },
+            &[batch, Ok(s), Ok(s), Ok(3)],
+        )],
         output: outputs,
         doc_string: format!(
             "Xception classifier `{}`: uint8 RGB [N, {s}, {s}, 3] (decoded, resized {}) -> logits, probabilities over {:?}",

@@ -22,6 +22,7 @@ pub struct ExportOptions {
     pub run_dir: PathBuf,
     pub out: PathBuf,
     pub precision: Precision,
+    pub input_type: onnx_meta::InputType,
     pub model_version: i64,
     /// Verify before the file replaces the previous one.
     pub verify: bool,
@@ -68,9 +69,16 @@ pub fn export(o: &ExportOptions) -> anyhow::Result<Exported> {
     let desc = &dir.description;
     let weights = load_weights(&dir)?;
     let toolchain = format!("{PRODUCER} {} (opset {})", env!("CARGO_PKG_VERSION"), graph::OPSET);
-    let props = onnx_meta::properties(desc, o.model_version, &toolchain);
-    let model =
-        graph::build(desc, &weights, o.precision, &props, o.model_version, (PRODUCER, env!("CARGO_PKG_VERSION")))?;
+    let props = onnx_meta::properties(desc, o.input_type, o.model_version, &toolchain);
+    let model = graph::build(
+        desc,
+        &weights,
+        o.precision,
+        o.input_type,
+        &props,
+        o.model_version,
+        (PRODUCER, env!("CARGO_PKG_VERSION")),
+    )?;
     let bytes = model.encode_to_vec();
 
     // Written beside the target and renamed over it only once verified.

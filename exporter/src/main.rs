@@ -17,6 +17,10 @@ struct Args {
     /// Weight and activation precision (f16: for the CUDA execution provider).
     #[arg(long, value_enum, default_value = "f32")]
     precision: Precision,
+    /// Graph input: uint8 resized pixels (scaled in the graph), or float32 already scaled
+    /// (for tools that feed only float tensors).
+    #[arg(long, value_enum, default_value = "uint8")]
+    input_type: InputArg,
     /// Model version written into the metadata.
     #[arg(long, default_value_t = 1)]
     model_version: i64,
@@ -52,6 +56,12 @@ struct Args {
     threads: usize,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum InputArg {
+    Uint8,
+    Float32,
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -66,6 +76,10 @@ fn main() -> anyhow::Result<()> {
         run_dir: a.run_dir.clone(),
         out,
         precision: a.precision,
+        input_type: match a.input_type {
+            InputArg::Uint8 => modelspec::onnx_meta::InputType::Uint8,
+            InputArg::Float32 => modelspec::onnx_meta::InputType::Float32,
+        },
         model_version: a.model_version,
         verify: !a.no_verify,
         samples: a.samples.clone(),

@@ -5,6 +5,7 @@
 use candle_core::{Device, Tensor};
 use exporter::graph::Precision;
 use exporter::{evaluate, export, triton, ExportOptions};
+use modelspec::onnx_meta::InputType;
 use runtime::{OnnxModel, SessionConfig};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -39,6 +40,7 @@ fn options(run_dir: &Path, out: &Path) -> ExportOptions {
         run_dir: run_dir.into(),
         out: out.into(),
         precision: Precision::F32,
+        input_type: InputType::Uint8,
         model_version: 1,
         verify: true,
         samples: vec![],
@@ -163,6 +165,16 @@ fn small_trained_model_exports_with_the_trainers_accuracy_and_a_triton_layout() 
     assert!(e16.report.as_ref().unwrap().passed, "{}", e16.report.unwrap());
     assert!(e16.bytes < e.bytes * 6 / 10, "{} vs {}", e16.bytes, e.bytes);
     onnx_check(&out16);
+
+    // Float32 input (already scaled), for float-only tools: same answers, the runtime scales.
+    let outf = root.join("model-float.onnx");
+    let ef = export(&ExportOptions { input_type: InputType::Float32, ..options(&cfg.out, &outf) }).unwrap();
+    assert!(ef.report.as_ref().unwrap().passed, "{}", ef.report.unwrap());
+    onnx_check(&outf);
+    let evf = evaluate(&outf, &data.join("test"), &ort()).unwrap();
+    assert_eq!(evf.accuracy, ev.accuracy);
+    let m = OnnxModel::load(&outf, &ort()).unwrap();
+    assert!(!m.info.preprocessing.scaling_in_graph);
 }
 
 #[test]

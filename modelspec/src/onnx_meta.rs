@@ -3,8 +3,9 @@
 //! structured, readable by any ONNX tool (`onnx.load(f).metadata_props`, onnxruntime's
 //! `get_modelmeta().custom_metadata_map`).
 //!
-//! The graph itself scales pixels: its input is the decoded, resized RGB image as `uint8`
-//! [N, size, size, 3], so a runtime only decodes and resizes.
+//! By default the graph itself scales pixels: its input is the decoded, resized RGB image as
+//! `uint8` [N, size, size, 3], so a runtime only decodes and resizes. A `float32` variant takes
+//! the scaled pixels instead (what generic float-only tools feed).
 
 use crate::{Head, ModelDescription, Preprocessing, FORMAT_VERSION};
 use serde::{Deserialize, Serialize};
@@ -15,7 +16,8 @@ pub const CLASSES: &str = "classes";
 pub const INPUT_SIZE: &str = "input_size";
 /// Input memory layout (`NHWC`).
 pub const LAYOUT: &str = "layout";
-/// Input element type (`uint8`: raw pixels, scaled inside the graph).
+/// Input element type: `uint8` (resized pixels, scaled inside the graph) or `float32` (pixels
+/// already scaled by `x * scale + offset`, for tools that only feed float tensors).
 pub const INPUT_TYPE: &str = "input_type";
 /// JSON [`OnnxPreprocessing`]: how an image becomes the input tensor.
 pub const PREPROCESSING: &str = "preprocessing";
@@ -47,12 +49,31 @@ pub struct OnnxPreprocessing {
     pub scaling_in_graph: bool,
 }
 
+/// Element type of the graph's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputType {
+    /// Resized pixels, 0-255; the graph scales them.
+    Uint8,
+    /// Scaled pixels (`x * scale + offset`).
+    Float32,
+}
+
+impl InputType {
+    pub fn name(self) -> &'static str {
+        match self {
+            InputType::Uint8 => "uint8",
+            InputType::Float32 => "float32",
+        }
+    }
+}
+
 /// Everything a runtime learns from the metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OnnxInfo {
     pub description: ModelDescription,
     pub model_version: i64,
-    pub input_type: String,
+    pub input_type: InputType,
     pub preprocessing: OnnxPreprocessing,
     pub toolchain: String,
 }
@@ -66,13 +87,18 @@ pub struct MetaError {
 }
 
 /// The metadata properties of a model exported from `desc`.
-pub fn properties(desc: &ModelDescription, model_version: i64, toolchain: &str) -> Vec<(String, String)> {
-    let pre = OnnxPreprocessing { steps: desc.preprocessing.clone(), scaling_in_graph: true };
+pub fn properties(
+    desc: &ModelDescription,
+    input_type: InputType,
+    model_version: i64,
+    toolchain: &str,
+) -> Vec<(String, String)> {
+    let pre = OnnxPreprocessing { steps: desc.preprocessing.clone(), scaling_in_graph: input_type == InputType::Uint8 };
     vec![
         (CLASSES.into(), json(&desc.classes)),
         (INPUT_SIZE.into(), desc.input_size.to_string()),
         (LAYOUT.into(), desc.layout.clone()),
-        (INPUT_TYPE.into(), "uint8".into()),
+        (INPUT_TYPE.into(), input_type.name().into()),
         (PREPROCESSING.into(), json(&pre)),
         (MODEL_NAME.into(), desc.name.clone()),
         (MODEL_VERSION.into(), model_version.to_string()),
@@ -125,7 +151,13 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<OnnxInfo, MetaError
     Ok(OnnxInfo {
         description,
         model_version,
-        input_type: need(&get, INPUT_TYPE)?,
+        input_type: match need(&get, INPUT_TYPE)?.as_str() {
+            "uint8" => InputType::Uint8,
+            "float32" => InputType::Float32,
+            other => {
+                return Err(MetaError { key: INPUT_TYPE, reason: format!("`{other}` (expected uint8 or float32)") })
+            }
+        },
         preprocessing,
         toolchain: get(TOOLCHAIN).unwrap_or_default(),
     })
@@ -158,23 +190,24 @@ mod tests {
 
     #[test]
     fn properties_round_trip() {
-        let props: HashMap<String, String> = properties(&desc(), 3, "exporter 0.1").into_iter().collect();
+        let props: HashMap<String, String> =
+            properties(&desc(), InputType::Uint8, 3, "exporter 0.1").into_iter().collect();
         assert_eq!(props[CLASSES], r#"["boot","sandal","shoe"]"#);
         assert_eq!(props[INPUT_SIZE], "224");
         let info = parse(|k| props.get(k).cloned()).unwrap();
         assert_eq!(info.description, desc());
         assert_eq!(info.model_version, 3);
-        assert_eq!(info.input_type, "uint8");
+        assert_eq!(info.input_type, InputType::Uint8);
         assert!(info.preprocessing.scaling_in_graph);
     }
 
     #[test]
     fn errors_name_the_key() {
-        let mut props: HashMap<String, String> = properties(&desc(), 1, "t").into_iter().collect();
+        let mut props: HashMap<String, String> = properties(&desc(), InputType::Float32, 1, "t").into_iter().collect();
         props.remove(CLASSES);
         let e = parse(|k| props.get(k).cloned()).unwrap_err().to_string();
         assert!(e.contains("`classes`") && e.contains("missing"), "{e}");
-        let mut props: HashMap<String, String> = properties(&desc(), 1, "t").into_iter().collect();
+        let mut props: HashMap<String, String> = properties(&desc(), InputType::Float32, 1, "t").into_iter().collect();
         props.insert(INPUT_SIZE.into(), "big".into());
         assert!(parse(|k| props.get(k).cloned()).unwrap_err().to_string().contains("`input_size`"));
         props.insert(INPUT_SIZE.into(), "224".into());

@@ -2,7 +2,7 @@
 //! size, preprocessing), checked against the graph's own input and outputs.
 
 use crate::ortlib::{self, OrtLibError};
-use modelspec::onnx_meta::{self, MetaError, OnnxInfo, LOGITS_NAME, PROBABILITIES_NAME};
+use modelspec::onnx_meta::{self, InputType, MetaError, OnnxInfo, LOGITS_NAME, PROBABILITIES_NAME};
 use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, ValueType};
 use std::path::{Path, PathBuf};
@@ -96,23 +96,26 @@ impl OnnxModel {
         Ok(model)
     }
 
-    /// The graph must take uint8 [N, size, size, 3] and give the outputs the metadata promises.
+    /// The graph must take [N, size, size, 3] of the metadata's input type and give the outputs
+    /// the metadata promises.
     fn check_graph(&self) -> Result<(), ModelError> {
         let bad = |reason: String| Err(ModelError::Graph { path: self.path.clone(), reason });
         let size = self.info.description.input_size as i64;
         let Some(input) = self.session.inputs().first() else { return bad("the graph has no input".into()) };
+        let want = match self.info.input_type {
+            InputType::Uint8 => TensorElementType::Uint8,
+            InputType::Float32 => TensorElementType::Float32,
+        };
         match input.dtype() {
-            ValueType::Tensor { ty: TensorElementType::Uint8, shape, .. }
-                if shape.len() == 4 && shape[1..] == [size, size, 3] => {}
+            ValueType::Tensor { ty, shape, .. } if *ty == want && shape.len() == 4 && shape[1..] == [size, size, 3] => {
+            }
             other => {
                 return bad(format!(
-                    "input `{}` is {other:?}; expected uint8 [N, {size}, {size}, 3] as the metadata says",
-                    input.name()
+                    "input `{}` is {other:?}; expected {} [N, {size}, {size}, 3] as the metadata says",
+                    input.name(),
+                    self.info.input_type.name()
                 ))
             }
-        }
-        if self.info.input_type != "uint8" {
-            return bad(format!("metadata input_type `{}` is not supported (uint8)", self.info.input_type));
         }
         if self.info.description.head.is_some() {
             for name in [LOGITS_NAME, PROBABILITIES_NAME] {
@@ -143,8 +146,15 @@ impl OnnxModel {
                 n * s * s * 3
             )));
         }
-        let input = Tensor::from_array(([n, s, s, 3], pixels.into_boxed_slice()))
-            .map_err(|e| ModelError::Input(e.to_string()))?;
+        let input: ort::value::DynValue = match self.info.input_type {
+            InputType::Uint8 => Tensor::from_array(([n, s, s, 3], pixels.into_boxed_slice())).map(|t| t.into_dyn()),
+            InputType::Float32 => {
+                let p = &self.info.preprocessing.steps;
+                let x: Vec<f32> = pixels.iter().map(|&v| v as f32 * p.scale + p.offset).collect();
+                Tensor::from_array(([n, s, s, 3], x.into_boxed_slice())).map(|t| t.into_dyn())
+            }
+        }
+        .map_err(|e| ModelError::Input(e.to_string()))?;
         let input_name = self.session.inputs()[0].name().to_string();
         let outputs =
             self.session.run(ort::inputs![input_name => input]).map_err(|e| ModelError::Run(e.to_string()))?;
