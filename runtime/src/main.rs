@@ -47,6 +47,12 @@ struct ModelArgs {
     /// ONNX Runtime intra-op threads per session (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Keep ONNX Runtime's memory arena (more resident memory, slightly faster first batches).
+    #[arg(long)]
+    memory_arena: bool,
+    /// Idle ONNX Runtime threads sleep instead of spinning.
+    #[arg(long)]
+    no_spin: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -66,7 +72,7 @@ enum Format {
 struct PredictArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Image files, folders (their images) or glob patterns.
+    /// Image files, folders (their images, sub-folders included) or glob patterns.
     #[arg(required = true)]
     inputs: Vec<String>,
     #[arg(long, value_enum, default_value = "table")]
@@ -121,6 +127,8 @@ fn session_config(m: &ModelArgs) -> SessionConfig {
         ort_lib: m.ort_lib.clone(),
         cuda: m.device == Device::Cuda,
         require_cuda: m.require_cuda,
+        arena: m.memory_arena,
+        no_spin: m.no_spin,
     }
 }
 
@@ -142,7 +150,21 @@ fn load(m: &ModelArgs) -> anyhow::Result<OnnxModel> {
 
 const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 
-/// Expands files, folders and globs into a list of files (folders: their images, sorted).
+/// The images under `dir` and its sub-folders.
+fn images_under(dir: &Path, is_image: &dyn Fn(&Path) -> bool, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            images_under(&p, is_image, out)?;
+        } else if p.is_file() && is_image(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Expands files, folders and globs into a list of files (folders: their images and those of
+/// their sub-folders, sorted).
 fn expand(inputs: &[String]) -> (Vec<PathBuf>, Vec<(String, String)>) {
     let (mut files, mut errors) = (Vec::new(), Vec::new());
     let is_image = |p: &Path| {
@@ -153,15 +175,11 @@ fn expand(inputs: &[String]) -> (Vec<PathBuf>, Vec<(String, String)>) {
     for i in inputs {
         let p = Path::new(i);
         if p.is_dir() {
-            match std::fs::read_dir(p) {
-                Ok(rd) => {
-                    let mut v: Vec<PathBuf> =
-                        rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file() && is_image(p)).collect();
-                    v.sort();
-                    files.extend(v);
-                }
-                Err(e) => errors.push((i.clone(), e.to_string())),
+            let before = files.len();
+            if let Err(e) = images_under(p, &is_image, &mut files) {
+                errors.push((i.clone(), e.to_string()));
             }
+            files[before..].sort();
         } else if p.exists() {
             files.push(p.to_path_buf());
         } else if i.contains(['*', '?', '[']) {
@@ -286,6 +304,8 @@ async fn shutdown_signal() {
 }
 
 fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
+    // A long-running server trades a little speed for a resident size that does not ratchet up.
+    tune_malloc();
     if a.sessions == 0 || a.max_batch == 0 {
         bail!("--sessions and --max-batch must be at least 1");
     }
@@ -328,6 +348,21 @@ fn info(m: &ModelArgs) -> anyhow::Result<ExitCode> {
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// glibc keeps freed memory for reuse and raises its mmap threshold after large frees, so a
+/// server's resident size ratchets up to its largest batch's activations and stays there. A
+/// fixed 1 MiB threshold makes every large tensor (ONNX Runtime allocates through malloc) an mmap
+/// returned to the system when freed, and two malloc arenas bound per-thread fragmentation.
+fn tune_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc's tuning parameters; called before the sessions and the
+    // async runtime start their threads.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
 
 fn main() -> ExitCode {

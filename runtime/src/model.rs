@@ -18,6 +18,11 @@ pub struct SessionConfig {
     pub cuda: bool,
     /// With `cuda`: fail instead of falling back to the CPU.
     pub require_cuda: bool,
+    /// Keep ONNX Runtime's CPU memory arena and memory patterns (faster first runs of each
+    /// batch size, but the arena keeps the largest batch's activations resident).
+    pub arena: bool,
+    /// Idle ONNX Runtime threads sleep instead of spinning (frees the cores for decoding).
+    pub no_spin: bool,
 }
 
 /// Why a model cannot be loaded or run.
@@ -85,6 +90,14 @@ impl OnnxModel {
                 }
                 Err(e) => tracing::warn!("CUDA execution provider unavailable, running on the CPU: {e}"),
             }
+        }
+        if !cfg.arena {
+            builder = builder.with_memory_pattern(false).map_err(|e| session_err(e.to_string()))?;
+            let cpu = ort::ep::CPU::default().with_arena_allocator(false).build();
+            cpu.register(&mut builder).map_err(|e| session_err(e.to_string()))?;
+        }
+        if cfg.no_spin {
+            builder = builder.with_intra_op_spinning(false).map_err(|e| session_err(e.to_string()))?;
         }
         let session = builder.commit_from_memory(bytes).map_err(|e| session_err(e.to_string()))?;
         let meta = session.metadata().map_err(|e| session_err(e.to_string()))?;

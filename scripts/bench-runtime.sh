@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The runtime against what a Python user would run (../shared/bench), side by side in one
+# sitting, on the same ONNX files and the same images:
+#   1. batch prediction: `footwear predict` (decode + resize + ONNX Runtime) against
+#      keras_reference.py onnx (ONNX Runtime alone, random input), batch 32;
+#   2. HTTP: 32 concurrent clients for 20 s (wrk) against python_ort_server.py, one JPEG per request;
+#   3. resident memory of each server after that load.
+#   scripts/bench-runtime.sh [RUN_DIR] [VENV]   (RUN_DIR default runs/footwear, a 150 px run)
+# Prints a markdown table for docs/benchmarks.md; raw outputs stay in target/bench-runtime/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+run=${1:-runs/footwear}
+venv=${2:-/tmp/reference-venv}
+ref=../shared/bench
+out=target/bench-runtime
+mkdir -p "$out"
+[ -x "$venv/bin/python" ] || ../shared/bench/setup-reference-venv.sh "$venv"
+command -v wrk >/dev/null || { echo "wrk is missing (apt-get install wrk)" >&2; exit 1; }
+./scripts/setup-onnxruntime.sh >/dev/null
+cargo build --quiet --release -p runtime -p exporter
+bin=target/release/footwear
+export RUST_LOG=warn,footwear=info
+# uint8 input (the default file) and float32 input (keras_reference.py feeds float tensors).
+target/release/exporter "$run" -o "$out/model.onnx" --no-candle-onnx >/dev/null
+target/release/exporter "$run" -o "$out/model-float.onnx" --input-type float32 --no-candle-onnx >/dev/null
+images=../shared/data/footwear/test
+boots=("$images"/boot/*.jpg)
+img=${boots[0]}
+json() { python3 -c "import json,sys; print('%.1f' % json.loads(sys.stdin.read().strip().splitlines()[-1])['$1'])"; }
+
+# 1. Batch prediction, batch 32.
+py_ips=$("$venv/bin/python" $ref/keras_reference.py onnx "$out/model-float.onnx" --batch 32 --runs 10 2>/dev/null | json images_per_s)
+cli() { # model file → images/s over the 900 test photos (taken from the CLI's own log line)
+  NO_COLOR=1 RUST_LOG=info $bin predict -m "$1" --batch 32 --threads 2 --format csv "$images" 2>&1 >/dev/null \
+    | grep -o '([0-9.]* images/s)' | tr -d '(' | awk '{print $1}'
+}
+ours_float=$(cli "$out/model-float.onnx")
+ours_u8=$(cli "$out/model.onnx")
+
+# 2-3. HTTP load and memory.
+cat > "$out/post.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "image/jpeg"
+local f = io.open("$img", "rb"); wrk.body = f:read("*all"); f:close()
+LUA
+wait_up() { for _ in $(seq 1 100); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done; echo "no server at $1" >&2; return 1; }
+load() { # url name → wrk output in $out/wrk-name.txt
+  wrk -t2 -c32 -d20s --latency -s "$out/post.lua" "$1" > "$out/wrk-$2.txt"
+}
+rss() { awk '/VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
+"$venv/bin/python" $ref/python_ort_server.py "$out/model.onnx" --port 8601 >"$out/python-server.log" 2>&1 &
+py=$!
+wait_up http://127.0.0.1:8601/healthz
+load http://127.0.0.1:8601/predict python
+py_rss=$(rss $py)
+kill $py; wait $py 2>/dev/null || true
+$bin serve -m "$out/model.onnx" --port 8602 --threads 2 --max-batch "${MAX_BATCH:-16}" >"$out/footwear-server.log" 2>&1 &
+rs=$!
+wait_up http://127.0.0.1:8602/v2/health/ready
+load http://127.0.0.1:8602/v1/predict ours
+ours_rss=$(rss $rs)
+kill -TERM $rs; wait $rs 2>/dev/null || true
+
+wrkfig() { # file → "req/s p50 p99 errors requests"
+  python3 - "$1" <<'PY'
+import re, sys
+t = open(sys.argv[1]).read()
+def ms(label):
+    m = re.search(r"^\s*%s\s+([\d.]+)(us|ms|s)\s*$" % label, t, re.M)
+    v, u = float(m.group(1)), m.group(2)
+    return v / 1000 if u == "us" else v * 1000 if u == "s" else v
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
+n = int(re.search(r"(\d+) requests in", t).group(1))
+non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
+sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", t)
+errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
+print(f"{rps:.1f} {ms('50%'):.0f} {ms('99%'):.0f} {errors} {n}")
+PY
+}
+read -r py_rps py_p50 py_p99 py_err py_n <<<"$(wrkfig "$out/wrk-python.txt")"
+read -r o_rps o_p50 o_p99 o_err o_n <<<"$(wrkfig "$out/wrk-ours.txt")"
+ratio() { python3 -c "print('%.2fx' % ($1 / $2))"; }
+echo "| what | ours | Python reference | ratio |"
+echo "|---|---|---|---|"
+echo "| batch prediction, batch 32, float32 file (img/s) | $ours_float | $py_ips | $(ratio "$ours_float" "$py_ips") |"
+echo "| batch prediction, batch 32, uint8 file (img/s) | $ours_u8 | $py_ips (float32 file) | $(ratio "$ours_u8" "$py_ips") |"
+echo "| HTTP, 32 clients, 20 s (req/s) | $o_rps | $py_rps | $(ratio "$o_rps" "$py_rps") |"
+echo "| HTTP latency p50 / p99 (ms) | $o_p50 / $o_p99 | $py_p50 / $py_p99 | |"
+echo "| HTTP requests / errors | $o_n / $o_err | $py_n / $py_err | |"
+echo "| server RSS after the load (MiB) | $ours_rss | $py_rss | $(ratio "$ours_rss" "$py_rss") |"
