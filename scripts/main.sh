@@ -1,9 +1,36 @@
 #!/usr/bin/env bash
-# The main job on defaults: fetch the ImageNet weights (once), fine-tune Xception on the footwear
-# photos, print the test metrics. Extra arguments go to `trainer train` (see `trainer train --help`).
+# The main job on defaults, the whole chain:
+#   1. fetch the ImageNet weights and ONNX Runtime (once, cached in weights/ and .local/),
+#   2. fine-tune Xception on the footwear photos (trainer),
+#   3. export the run to one verified model.onnx, and check its test accuracy through ONNX Runtime,
+#   4. predict a few test photos with the runtime binary, and say how to start the server.
+# Extra arguments go to `trainer train` (see `target/release/trainer train --help`).
 #   ./scripts/main.sh [--data DIR] [--out DIR] [...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-weights.sh
-cargo build --quiet --release -p trainer
+./scripts/setup-onnxruntime.sh
+cargo build --quiet --release -p trainer -p exporter -p runtime
+out=runs/footwear
+data=../shared/data/footwear
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in
+    --out) out=${args[i + 1]} ;;
+    --out=*) out=${args[i]#--out=} ;;
+    --data) data=${args[i + 1]} ;;
+    --data=*) data=${args[i]#--data=} ;;
+  esac
+done
 target/release/trainer train "$@"
+target/release/exporter "$out" --eval "$data/test"
+echo
+shopt -s nullglob
+samples=()
+for class in "$data"/test/*/; do
+  files=("$class"*)
+  samples+=("${files[@]:0:2}")
+done
+target/release/footwear predict -m "$out/model.onnx" "${samples[@]}"
+echo
+echo "Serve it:  target/release/footwear serve -m $out/model.onnx   # then open http://127.0.0.1:8080/"
