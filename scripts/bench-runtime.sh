@@ -54,7 +54,7 @@ wait_up http://127.0.0.1:8601/healthz
 load http://127.0.0.1:8601/predict python
 py_rss=$(rss $py)
 kill $py; wait $py 2>/dev/null || true
-$bin serve -m "$out/model.onnx" --port 8602 --threads 2 --max-batch "${MAX_BATCH:-16}" >"$out/footwear-server.log" 2>&1 &
+$bin serve -m "$out/model.onnx" --port 8602 --threads 2 --max-batch "${MAX_BATCH:-2}" >"$out/footwear-server.log" 2>&1 &
 rs=$!
 wait_up http://127.0.0.1:8602/v2/health/ready
 load http://127.0.0.1:8602/v1/predict ours

@@ -5,7 +5,7 @@
 use anyhow::Context;
 use candle_core::{Device, ModuleT, Tensor};
 use models::classifier::Classifier;
-use modelspec::onnx_meta::{INPUT_NAME, LOGITS_NAME};
+use modelspec::onnx_meta::{InputType, INPUT_NAME, LOGITS_NAME};
 use modelspec::preprocess::{self, DEFAULT_MAX_PIXELS};
 use modelspec::ModelDescription;
 use serde::Serialize;
@@ -118,6 +118,13 @@ pub struct EngineCheck {
     pub note: String,
 }
 
+impl EngineCheck {
+    /// An engine that could not run the file; `passed` says whether that is acceptable.
+    fn not_run(engine: String, passed: bool, note: String) -> Self {
+        Self { engine, max_abs_diff_logits: None, max_abs_diff_probabilities: None, same_top_class: None, passed, note }
+    }
+}
+
 /// The verification report, printed and stored beside the file.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -197,9 +204,12 @@ pub fn verify(
     tol: f32,
     ort: &runtime::SessionConfig,
     with_candle_onnx: bool,
+    input_type: InputType,
 ) -> anyhow::Result<Report> {
     let bytes = std::fs::read(onnx_path).with_context(|| format!("reading back {}", onnx_path.display()))?;
     let (want, k) = candle_logits(run_dir, samples)?;
+    let prep = ModelDescription::load(run_dir)?.preprocessing;
+    let (scale, offset) = (prep.scale as f64, prep.offset as f64);
     let n = samples.len();
     let mut engines = Vec::new();
 
@@ -212,14 +222,7 @@ pub fn verify(
     let engine = format!("onnxruntime {} (CPU)", runtime::ortlib::ORT_VERSION);
     engines.push(match ort_check {
         Ok(got) => compare(&engine, &want, &got, k, tol),
-        Err(e) => EngineCheck {
-            engine,
-            max_abs_diff_logits: None,
-            max_abs_diff_probabilities: None,
-            same_top_class: None,
-            passed: false,
-            note: first_line(&e),
-        },
+        Err(e) => EngineCheck::not_run(engine, false, first_line(&e)),
     });
 
     // candle-onnx: an independent reader; reported, required only when it runs.
@@ -233,6 +236,11 @@ pub fn verify(
             for px in &samples.pixels {
                 let side = ((px.len() / 3) as f64).sqrt().round() as usize;
                 let x = Tensor::from_vec(px.clone(), (1, side, side, 3), &Device::Cpu)?;
+                // A float32-input file takes the scaled pixels.
+                let x = match input_type {
+                    InputType::Uint8 => x,
+                    InputType::Float32 => x.to_dtype(candle_core::DType::F32)?.affine(scale, offset)?,
+                };
                 let out = candle_onnx::simple_eval(&model, HashMap::from([(INPUT_NAME.to_string(), x)]))?;
                 let l = out.get(LOGITS_NAME).context("no logits output")?;
                 got.extend(l.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
@@ -241,14 +249,9 @@ pub fn verify(
         })();
         engines.push(match run {
             Ok(got) => compare(&engine, &want, &got, k, tol),
-            Err(e) => EngineCheck {
-                engine,
-                max_abs_diff_logits: None,
-                max_abs_diff_probabilities: None,
-                same_top_class: None,
-                passed: true,
-                note: format!("could not run the file (not counted): {}", first_line(&e)),
-            },
+            Err(e) => {
+                EngineCheck::not_run(engine, true, format!("could not run the file (not counted): {}", first_line(&e)))
+            }
         });
     }
     let passed = engines.iter().all(|e| e.passed);

@@ -169,7 +169,8 @@ fn small_trained_model_exports_with_the_trainers_accuracy_and_a_triton_layout() 
     // Float32 input (already scaled), for float-only tools: same answers, the runtime scales.
     let outf = root.join("model-float.onnx");
     let ef = export(&ExportOptions { input_type: InputType::Float32, ..options(&cfg.out, &outf) }).unwrap();
-    assert!(ef.report.as_ref().unwrap().passed, "{}", ef.report.unwrap());
+    let rf = ef.report.unwrap();
+    assert!(rf.passed && rf.engines.iter().all(|e| e.max_abs_diff_logits.is_some()), "{rf}");
     onnx_check(&outf);
     let evf = evaluate(&outf, &data.join("test"), &ort()).unwrap();
     assert_eq!(evf.accuracy, ev.accuracy);

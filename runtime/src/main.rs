@@ -47,9 +47,9 @@ struct ModelArgs {
     /// ONNX Runtime intra-op threads per session (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Keep ONNX Runtime's memory arena (more resident memory, slightly faster first batches).
+    /// Turn off ONNX Runtime's memory arena (less memory with large batches, slower).
     #[arg(long)]
-    memory_arena: bool,
+    no_memory_arena: bool,
     /// Idle ONNX Runtime threads sleep instead of spinning.
     #[arg(long)]
     no_spin: bool,
@@ -100,8 +100,10 @@ struct ServeArgs {
     /// ONNX Runtime sessions serving the queue (each with --threads threads).
     #[arg(long, default_value_t = 1)]
     sessions: usize,
-    /// Most images per batch.
-    #[arg(long, default_value_t = 16)]
+    /// Most images per batch. On 2 CPU cores ONNX Runtime runs no faster per image in larger
+    /// batches (41 img/s at 1 and at 16) and its arena keeps the largest batch resident; raise it
+    /// on a GPU or a many-core machine.
+    #[arg(long, default_value_t = 2)]
     max_batch: usize,
     /// Longest a batch waits for more requests, milliseconds.
     #[arg(long, default_value_t = 5)]
@@ -127,7 +129,7 @@ fn session_config(m: &ModelArgs) -> SessionConfig {
         ort_lib: m.ort_lib.clone(),
         cuda: m.device == Device::Cuda,
         require_cuda: m.require_cuda,
-        arena: m.memory_arena,
+        no_arena: m.no_memory_arena,
         no_spin: m.no_spin,
     }
 }

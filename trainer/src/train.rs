@@ -154,7 +154,7 @@ fn fresh_state(phase: usize, history: Vec<Epoch>) -> TrainState {
 }
 
 fn snapshot(vars: &[(String, Var)]) -> candle_core::Result<Vec<(String, Tensor)>> {
-    vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect()
+    vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?.detach()))).collect()
 }
 
 /// Runs one phase from `state` (fresh or resumed), leaving its best variables in place.
@@ -229,7 +229,9 @@ fn train_phase(
             opt.step(&grads, lr)?;
             if let Some(e) = ema.as_mut() {
                 for ((_, avg), (_, var)) in e.iter_mut().zip(&vars) {
-                    *avg = ((&*avg * pc.ema)? + (var.as_tensor().detach() * (1.0 - pc.ema))?)?;
+                    // Detached: otherwise each average would hold on to the previous one, and
+                    // through it to every average since the start of the phase.
+                    *avg = ((&*avg * pc.ema)? + (var.as_tensor().detach() * (1.0 - pc.ema))?)?.detach();
                 }
             }
             loss_sum += ce.to_scalar::<f32>()? as f64 * batch.len() as f64;
