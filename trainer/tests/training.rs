@@ -50,6 +50,9 @@ fn small_config(data: &Path, out: &Path) -> TrainConfig {
     // Enough phase-2 epochs for the kill below to land in the middle of phase 2.
     c.fine_tune.epochs = 40;
     c.fine_tune.patience = 0;
+    // The moving average of the weights is part of the state a resumed run must restore.
+    c.fine_tune.ema = 0.99;
+    c.label_smoothing = 0.1;
     c.batch_size = 8;
     c
 }
