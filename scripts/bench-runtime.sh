@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The runtime against what a Python user would run (../shared/bench), side by side in one
 # sitting, on the same ONNX files and the same images:
-#   1. batch prediction: `footwear predict` (decode + resize + ONNX Runtime) against
-#      keras_reference.py onnx (ONNX Runtime alone, random input), batch 32;
+#   1. batch prediction: `footwear predict` (decode + resize + ONNX Runtime, median of 3 passes
+#      over the 900 test photos) against keras_reference.py onnx (ONNX Runtime alone, random
+#      input, median of 10 runs), batch 32;
 #   2. HTTP: 32 concurrent clients for 20 s (wrk) against python_ort_server.py, one JPEG per request;
 #   3. resident memory of each server after that load.
 #   scripts/bench-runtime.sh [RUN_DIR] [VENV]   (RUN_DIR default runs/footwear, a 150 px run)
@@ -30,9 +31,11 @@ json() { python3 -c "import json,sys; print('%.1f' % json.loads(sys.stdin.read()
 
 # 1. Batch prediction, batch 32.
 py_ips=$("$venv/bin/python" $ref/keras_reference.py onnx "$out/model-float.onnx" --batch 32 --runs 10 2>/dev/null | json images_per_s)
-cli() { # model file → images/s over the 900 test photos (taken from the CLI's own log line)
-  NO_COLOR=1 RUST_LOG=info $bin predict -m "$1" --batch 32 --threads 2 --format csv "$images" 2>&1 >/dev/null \
-    | grep -o '([0-9.]* images/s)' | tr -d '(' | awk '{print $1}'
+cli() { # model file → images/s over the 900 test photos, from the CLI's own log line; median of 3 passes
+  for _ in 1 2 3; do
+    NO_COLOR=1 RUST_LOG=info $bin predict -m "$1" --batch 32 --threads 2 --format csv "$images" 2>&1 >/dev/null \
+      | grep -o '([0-9.]* images/s)' | tr -d '(' | awk '{print $1}'
+  done | sort -n | sed -n 2p
 }
 ours_float=$(cli "$out/model-float.onnx")
 ours_u8=$(cli "$out/model.onnx")
