@@ -223,6 +223,15 @@ fn server_labels_real_photos_and_answers_every_bad_input_with_a_json_4xx() {
     let (s, v) =
         json(c.post(url("/v1/predict")).header("Content-Type", "image/jpeg").body(jpeg.clone()).send().unwrap());
     assert_eq!((s, v["code"].as_str()), (401, Some("unauthorized")), "{v}");
+    let (s, v) = json(
+        c.post(url("/v1/predict?top_k=many"))
+            .header("Content-Type", "image/jpeg")
+            .header("Authorization", &auth)
+            .body(jpeg.clone())
+            .send()
+            .unwrap(),
+    );
+    assert_eq!((s, v["code"].as_str()), (400, Some("bad_query")), "{v}");
     let (s, v) = json(c.get(url("/nope")).send().unwrap());
     assert_eq!((s, v["code"].as_str()), (404, Some("not_found")), "{v}");
 

@@ -101,9 +101,9 @@ fn image_error(part: &str, e: ImageError) -> ApiError {
     }
 }
 
-fn body_error(e: impl std::fmt::Display, limit: usize) -> ApiError {
+fn body_error(status: StatusCode, e: impl std::fmt::Display, limit: usize) -> ApiError {
     let msg = e.to_string();
-    if msg.contains("length limit") || msg.contains("too large") {
+    if status == StatusCode::PAYLOAD_TOO_LARGE || msg.contains("length limit") {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
@@ -166,23 +166,24 @@ const IMAGE_TYPES: &str = "image/jpeg, image/png, image/webp, application/octet-
 /// `POST /v1/predict`: the image as the body, or one or several images as multipart parts.
 async fn predict(
     State(s): State<Arc<AppState>>,
-    Query(q): Query<PredictQuery>,
+    q: Result<Query<PredictQuery>, axum::extract::rejection::QueryRejection>,
     req: Request,
 ) -> Result<Json<Value>, ApiError> {
     let t0 = Instant::now();
+    let Query(q) = q.map_err(|e| ApiError::bad_request("bad_query", format!("query string: {}", e.body_text())))?;
     let ctype = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let mime = ctype.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     let limit = s.cfg.max_body_bytes;
     let parts: Vec<(String, Bytes)> = if mime == "multipart/form-data" {
-        let mut mp = Multipart::from_request(req, &()).await.map_err(|e| body_error(e, limit))?;
+        let mut mp = Multipart::from_request(req, &()).await.map_err(|e| body_error(e.status(), e, limit))?;
         let mut parts = Vec::new();
-        while let Some(field) = mp.next_field().await.map_err(|e| body_error(e, limit))? {
+        while let Some(field) = mp.next_field().await.map_err(|e| body_error(e.status(), e, limit))? {
             let name = field
                 .file_name()
                 .or(field.name())
                 .map(str::to_string)
                 .unwrap_or_else(|| format!("part {}", parts.len() + 1));
-            let bytes = field.bytes().await.map_err(|e| body_error(e, limit))?;
+            let bytes = field.bytes().await.map_err(|e| body_error(e.status(), e, limit))?;
             parts.push((name, bytes));
         }
         if parts.is_empty() {
@@ -190,7 +191,7 @@ async fn predict(
         }
         parts
     } else if mime.is_empty() || mime.starts_with("image/") || mime == "application/octet-stream" {
-        let bytes = Bytes::from_request(req, &()).await.map_err(|e| body_error(e, limit))?;
+        let bytes = Bytes::from_request(req, &()).await.map_err(|e| body_error(e.status(), e, limit))?;
         vec![("body".to_string(), bytes)]
     } else {
         return Err(ApiError::new(
@@ -319,7 +320,7 @@ async fn v2_infer(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     check_model(&s, &name)?;
-    let body = body.map_err(|e| body_error(e, s.cfg.max_body_bytes))?;
+    let body = body.map_err(|e| body_error(e.status(), e, s.cfg.max_body_bytes))?;
     let req: InferRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("malformed_json", format!("inference request: {e}")))?;
     let [input] = req.inputs.as_slice() else {
