@@ -6,11 +6,12 @@
 #      input, median of 10 runs), batch 32;
 #   2. HTTP: 32 concurrent clients for 20 s (wrk) against python_ort_server.py, one JPEG per request;
 #   3. resident memory of each server after that load.
-#   scripts/bench-runtime.sh [RUN_DIR] [VENV]   (RUN_DIR default runs/footwear, a 150 px run)
+#   scripts/bench-runtime.sh [RUN_DIR] [VENV]   (RUN_DIR: a 150 px run, as the references' figures are;
+#   default runs/footwear150, from `trainer train --image-size 150 --fine-tune-from 13 --out runs/footwear150`)
 # Prints a markdown table for docs/benchmarks.md; raw outputs stay in target/bench-runtime/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-run=${1:-runs/footwear}
+run=${1:-runs/footwear150}
 venv=${2:-/tmp/reference-venv}
 ref=../shared/bench
 out=target/bench-runtime

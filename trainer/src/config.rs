@@ -1,6 +1,7 @@
 //! The training configuration: one serde struct with defaults, readable from a TOML file and
-//! overridden by command-line flags. The defaults are the recipe that reaches the footwear
-//! targets (docs/training.md).
+//! overridden by command-line flags. The defaults are the best recipe measured on the footwear
+//! photos (docs/training.md): 99.0% test accuracy and macro-F1 at 224 px, in about 51 minutes
+//! on 2 cores (the target is 45).
 
 use crate::augment::AugmentConfig;
 use serde::{Deserialize, Serialize};
@@ -108,18 +109,25 @@ impl Default for TrainConfig {
             data: "../shared/data/footwear".into(),
             base: "weights/xception-imagenet".into(),
             out: "runs/footwear".into(),
-            image_size: 150,
+            image_size: 224,
             batch_size: 32,
             seed: 42,
             inner: 100,
             dropout: 0.2,
             l2: 1e-4,
-            label_smoothing: 0.0,
-            fine_tune_from: 13,
-            variants: 3,
+            label_smoothing: 0.1,
+            fine_tune_from: 12,
+            variants: 2,
             augment: AugmentConfig::default(),
             head: PhaseConfig { epochs: 30, lr: 1e-3, patience: 6, ..PhaseConfig::default() },
-            fine_tune: PhaseConfig { epochs: 8, lr: 1e-4, patience: 3, weight_decay: 1e-4, ..PhaseConfig::default() },
+            fine_tune: PhaseConfig {
+                epochs: 8,
+                lr: 1e-4,
+                patience: 3,
+                weight_decay: 1e-4,
+                ema: 0.998,
+                ..PhaseConfig::default()
+            },
             strict: false,
             name: "footwear".into(),
             feature_cache: "runs/feature-cache".into(),
