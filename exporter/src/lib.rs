@@ -102,8 +102,7 @@ pub fn export(o: &ExportOptions) -> anyhow::Result<Exported> {
         } else {
             verify::Samples::synthetic(desc, o.max_samples.min(4))
         };
-        let r = verify::verify(&tmp, &o.out, &o.run_dir, &samples, o.tolerance, &o.ort, o.candle_onnx, o.input_type)
-            .map_err(cleanup)?;
+        let r = verify::verify(&tmp, &samples, o).map_err(cleanup)?;
         if !r.passed {
             let _ = std::fs::remove_file(&tmp);
             bail!("{r}\nthe ONNX file does not match the model; {} was left unchanged", o.out.display());

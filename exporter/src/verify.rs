@@ -195,17 +195,11 @@ fn first_line(e: &anyhow::Error) -> String {
     format!("{e:#}").lines().next().unwrap_or_default().to_string()
 }
 
-/// Runs the checks on the file `onnx_path` (already written; `name` is how the report calls it).
-pub fn verify(
-    onnx_path: &Path,
-    name: &Path,
-    run_dir: &Path,
-    samples: &Samples,
-    tol: f32,
-    ort: &runtime::SessionConfig,
-    with_candle_onnx: bool,
-    input_type: InputType,
-) -> anyhow::Result<Report> {
+/// Runs the checks on the file `onnx_path` (already written, not yet renamed to `o.out`, which
+/// is how the report calls it) against the Candle model of `o.run_dir`.
+pub fn verify(onnx_path: &Path, samples: &Samples, o: &crate::ExportOptions) -> anyhow::Result<Report> {
+    let (name, run_dir, tol, ort) = (&o.out, &o.run_dir, o.tolerance, &o.ort);
+    let (with_candle_onnx, input_type) = (o.candle_onnx, o.input_type);
     let bytes = std::fs::read(onnx_path).with_context(|| format!("reading back {}", onnx_path.display()))?;
     let (want, k) = candle_logits(run_dir, samples)?;
     let prep = ModelDescription::load(run_dir)?.preprocessing;

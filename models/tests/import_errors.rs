@@ -111,7 +111,7 @@ fn truncated_or_mismatched_weights_are_errors_naming_file_and_tensor() {
     std::fs::copy(src.join("model.json"), model.join("model.json")).unwrap();
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     std::fs::write(model.join("model.safetensors"), &bytes[..bytes.len() / 3]).unwrap();
-    let e = Classifier::load(&model, &Device::Cpu).err().expect("truncated").to_string();
+    let e = Classifier::load(&model, &Device::Cpu).expect_err("truncated").to_string();
     assert!(e.contains("model.safetensors"), "{e}");
 
     // A description that promises 3 classes over weights with 6.
@@ -121,7 +121,7 @@ fn truncated_or_mismatched_weights_are_errors_naming_file_and_tensor() {
     desc.head.as_mut().unwrap().classes = 3;
     desc.classes.truncate(3);
     write_model_dir(&model, &desc, &tensors).unwrap();
-    let e = Classifier::load(&model, &Device::Cpu).err().expect("mismatch").to_string();
+    let e = Classifier::load(&model, &Device::Cpu).expect_err("mismatch").to_string();
     assert!(e.contains("model.safetensors") && e.contains("head_logits.weight") && e.contains("[6, 100]"), "{e}");
 
     // A missing directory, and a file that is not a model at all.

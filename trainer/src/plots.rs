@@ -51,7 +51,8 @@ pub fn learning_curves(history: &[Epoch], path: &Path) -> Plot {
     let xs: Vec<f64> = (1..=history.len()).map(|i| i as f64).collect();
     let phase2 = history.iter().position(|e| e.phase == 2).map(|i| i as f64 + 0.5);
     type Getter = fn(&Epoch) -> f64;
-    let specs: [(&str, Vec<(&str, Getter, RGBColor)>); 3] = [
+    type Series = Vec<(&'static str, Getter, RGBColor)>;
+    let specs: [(&str, Series); 3] = [
         ("loss", vec![("train", |e| e.train_loss, BLUE), ("validation", |e| e.val_loss, RED)]),
         ("accuracy", vec![("train", |e| e.train_acc, BLUE), ("validation", |e| e.val_acc, RED)]),
         ("learning rate", vec![("lr", |e| e.lr, BLACK)]),
