@@ -163,8 +163,13 @@ fn server_labels_real_photos_and_answers_every_bad_input_with_a_json_4xx() {
     assert_eq!(v["predictions"][0]["label"], answers[0].1["label"]);
 
     // KServe v2 inference on the same photo's pixels gives the same class.
-    let img = modelspec::preprocess::decode_rgb(&std::fs::read(&photos[0].0).unwrap(), u64::MAX).unwrap();
-    let px = modelspec::preprocess::resize(&img, 96, &modelspec::Preprocessing::default()).into_raw();
+    let px = modelspec::preprocess::resized_pixels(
+        &std::fs::read(&photos[0].0).unwrap(),
+        96,
+        &modelspec::Preprocessing::default(),
+        u64::MAX,
+    )
+    .unwrap();
     let req = serde_json::json!({"id": "r1", "inputs": [{"name": "image", "shape": [1, 96, 96, 3], "datatype": "UINT8", "data": px}]});
     let (s, v) =
         json(c.post(url("/v2/models/footwear/infer")).header("Authorization", &auth).json(&req).send().unwrap());

@@ -102,7 +102,7 @@ pub fn export(o: &ExportOptions) -> anyhow::Result<Exported> {
         } else {
             verify::Samples::synthetic(desc, o.max_samples.min(4))
         };
-        let r = verify::verify(&tmp, &samples, o).map_err(cleanup)?;
+        let r = verify::verify(&tmp, &samples, &dir, o).map_err(cleanup)?;
         if !r.passed {
             let _ = std::fs::remove_file(&tmp);
             bail!("{r}\nthe ONNX file does not match the model; {} was left unchanged", o.out.display());
@@ -171,12 +171,17 @@ pub fn evaluate(onnx: &Path, folder: &Path, ort: &runtime::SessionConfig) -> any
     for chunk in items.chunks(32) {
         let (mut batch, mut labels) = (Vec::new(), Vec::new());
         for (f, label) in chunk {
-            let img = std::fs::read(f)
-                .map_err(anyhow::Error::from)
-                .and_then(|b| Ok(preprocess::decode_rgb(&b, preprocess::DEFAULT_MAX_PIXELS)?));
-            match img {
-                Ok(img) => {
-                    batch.extend(preprocess::resize(&img, desc.input_size as u32, &desc.preprocessing).into_raw());
+            let px = std::fs::read(f).map_err(anyhow::Error::from).and_then(|b| {
+                Ok(preprocess::resized_pixels(
+                    &b,
+                    desc.input_size as u32,
+                    &desc.preprocessing,
+                    preprocess::DEFAULT_MAX_PIXELS,
+                )?)
+            });
+            match px {
+                Ok(px) => {
+                    batch.extend(px);
                     labels.push(*label);
                 }
                 Err(e) => unreadable.push(format!("{}: {e}", f.display())),

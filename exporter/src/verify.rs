@@ -5,6 +5,8 @@
 use anyhow::Context;
 use candle_core::{Device, ModuleT, Tensor};
 use models::classifier::Classifier;
+use models::weights::ModelDir;
+use models::xception::XceptionOptions;
 use modelspec::onnx_meta::{InputType, INPUT_NAME, LOGITS_NAME};
 use modelspec::preprocess::{self, DEFAULT_MAX_PIXELS};
 use modelspec::ModelDescription;
@@ -35,11 +37,11 @@ impl Samples {
         let mut s = Samples { names: Vec::new(), pixels: Vec::new() };
         for f in files {
             let bytes = std::fs::read(&f).with_context(|| format!("sample {}", f.display()))?;
-            let img = preprocess::decode_rgb(&bytes, DEFAULT_MAX_PIXELS)
-                .with_context(|| format!("sample {}", f.display()))?;
-            let r = preprocess::resize(&img, desc.input_size as u32, &desc.preprocessing);
+            let px =
+                preprocess::resized_pixels(&bytes, desc.input_size as u32, &desc.preprocessing, DEFAULT_MAX_PIXELS)
+                    .with_context(|| format!("sample {}", f.display()))?;
             s.names.push(f.display().to_string());
-            s.pixels.push(r.into_raw());
+            s.pixels.push(px);
         }
         anyhow::ensure!(!s.pixels.is_empty(), "no sample images in {paths:?}");
         Ok(s)
@@ -98,8 +100,7 @@ pub fn walk(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for e in rd {
         let p = e?.path();
-        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-        if p.is_file() && matches!(ext.as_str(), "jpg" | "jpeg" | "png" | "webp") {
+        if p.is_file() && preprocess::is_image_path(&p) {
             out.push(p);
         }
     }
@@ -138,9 +139,10 @@ pub struct Report {
 }
 
 /// Reference logits from the Candle model of the run directory.
-fn candle_logits(run_dir: &Path, samples: &Samples) -> anyhow::Result<(Vec<f32>, usize)> {
+fn candle_logits(dir: &ModelDir, samples: &Samples) -> anyhow::Result<(Vec<f32>, usize)> {
     let dev = Device::Cpu;
-    let (model, desc) = Classifier::load(run_dir, &dev)?;
+    let desc = &dir.description;
+    let model = Classifier::new(desc, dir.var_builder(&dev), XceptionOptions::default())?;
     let s = desc.input_size;
     let mut all = Vec::new();
     let mut k = 0;
@@ -197,12 +199,12 @@ fn first_line(e: &anyhow::Error) -> String {
 
 /// Runs the checks on the file `onnx_path` (already written, not yet renamed to `o.out`, which
 /// is how the report calls it) against the Candle model of `o.run_dir`.
-pub fn verify(onnx_path: &Path, samples: &Samples, o: &crate::ExportOptions) -> anyhow::Result<Report> {
+pub fn verify(onnx_path: &Path, samples: &Samples, dir: &ModelDir, o: &crate::ExportOptions) -> anyhow::Result<Report> {
     let (name, run_dir, tol, ort) = (&o.out, &o.run_dir, o.tolerance, &o.ort);
     let (with_candle_onnx, input_type) = (o.candle_onnx, o.input_type);
     let bytes = std::fs::read(onnx_path).with_context(|| format!("reading back {}", onnx_path.display()))?;
-    let (want, k) = candle_logits(run_dir, samples)?;
-    let prep = ModelDescription::load(run_dir)?.preprocessing;
+    let (want, k) = candle_logits(dir, samples)?;
+    let prep = &dir.description.preprocessing;
     let (scale, offset) = (prep.scale as f64, prep.offset as f64);
     let n = samples.len();
     let mut engines = Vec::new();

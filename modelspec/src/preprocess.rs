@@ -82,10 +82,24 @@ pub fn to_input(img: &image::RgbImage, p: &Preprocessing) -> Vec<f32> {
     img.as_raw().iter().map(|&v| v as f32 * p.scale + p.offset).collect()
 }
 
+/// Encoded bytes → the resized RGB pixels [size, size, 3], HWC: what an exported ONNX graph
+/// (uint8 input) takes.
+pub fn resized_pixels(bytes: &[u8], size: u32, p: &Preprocessing, max_pixels: u64) -> Result<Vec<u8>, ImageError> {
+    Ok(resize(&decode_rgb(bytes, max_pixels)?, size, p).into_raw())
+}
+
 /// The whole chain: encoded bytes → [size, size, 3] floats, HWC.
 pub fn preprocess(bytes: &[u8], size: u32, p: &Preprocessing, max_pixels: u64) -> Result<Vec<f32>, ImageError> {
     let img = decode_rgb(bytes, max_pixels)?;
     Ok(to_input(&resize(&img, size, p), p))
+}
+
+/// File extensions of the formats read (JPEG, PNG, WebP), lower case.
+pub const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
+
+/// Whether a file name has one of [`IMAGE_EXTENSIONS`] (any case).
+pub fn is_image_path(p: &std::path::Path) -> bool {
+    p.extension().is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str()))
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use modelspec::preprocess::{is_image_path, resized_pixels, DEFAULT_MAX_PIXELS};
 use rayon::prelude::*;
 use runtime::answer::{answer, Answer};
 use runtime::batcher::BatchConfig;
@@ -150,15 +151,13 @@ fn load(m: &ModelArgs) -> anyhow::Result<OnnxModel> {
     Ok(model)
 }
 
-const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
-
 /// The images under `dir` and its sub-folders.
-fn images_under(dir: &Path, is_image: &dyn Fn(&Path) -> bool, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+fn images_under(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for e in std::fs::read_dir(dir)? {
         let p = e?.path();
         if p.is_dir() {
-            images_under(&p, is_image, out)?;
-        } else if p.is_file() && is_image(&p) {
+            images_under(&p, out)?;
+        } else if p.is_file() && is_image_path(&p) {
             out.push(p);
         }
     }
@@ -169,16 +168,11 @@ fn images_under(dir: &Path, is_image: &dyn Fn(&Path) -> bool, out: &mut Vec<Path
 /// their sub-folders, sorted).
 fn expand(inputs: &[String]) -> (Vec<PathBuf>, Vec<(String, String)>) {
     let (mut files, mut errors) = (Vec::new(), Vec::new());
-    let is_image = |p: &Path| {
-        p.extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-    };
     for i in inputs {
         let p = Path::new(i);
         if p.is_dir() {
             let before = files.len();
-            if let Err(e) = images_under(p, &is_image, &mut files) {
+            if let Err(e) = images_under(p, &mut files) {
                 errors.push((i.clone(), e.to_string()));
             }
             files[before..].sort();
@@ -215,11 +209,7 @@ fn predict(a: &PredictArgs) -> anyhow::Result<ExitCode> {
             .map(|f| {
                 let r = std::fs::read(f)
                     .map_err(|e| e.to_string())
-                    .and_then(|b| {
-                        modelspec::preprocess::decode_rgb(&b, modelspec::preprocess::DEFAULT_MAX_PIXELS)
-                            .map_err(|e| e.to_string())
-                    })
-                    .map(|img| modelspec::preprocess::resize(&img, size, &prep).into_raw());
+                    .and_then(|b| resized_pixels(&b, size, &prep, DEFAULT_MAX_PIXELS).map_err(|e| e.to_string()));
                 (f.display().to_string(), r)
             })
             .collect();

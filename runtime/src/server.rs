@@ -122,8 +122,7 @@ impl AppState {
             let mut names = Vec::with_capacity(parts.len());
             let mut pixels = Vec::with_capacity(parts.len() * (size * size * 3) as usize);
             for (name, bytes) in parts {
-                let img = preprocess::decode_rgb(&bytes, max).map_err(|e| image_error(&name, e))?;
-                pixels.extend_from_slice(preprocess::resize(&img, size, &prep).as_raw());
+                pixels.extend(preprocess::resized_pixels(&bytes, size, &prep, max).map_err(|e| image_error(&name, e))?);
                 names.push(name);
             }
             Ok((names, pixels))

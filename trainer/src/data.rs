@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 
 /// The three splits, in the order the trainer uses them.
 pub const SPLITS: [&str; 3] = ["train", "validation", "test"];
-const EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 
 /// Why the folder cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +55,7 @@ fn sorted_entries(dir: &Path, want_dirs: bool) -> Result<Vec<PathBuf>, DataError
 }
 
 fn is_image(p: &Path) -> bool {
-    p.extension().is_some_and(|e| EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str()))
+    modelspec::preprocess::is_image_path(p)
 }
 
 /// Lists the folder, checking that every split has the same non-empty classes.
