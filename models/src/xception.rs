@@ -8,7 +8,7 @@
 //! NHWC; depthwise convolutions and pooling use the kernels of [`crate::ops`].
 
 use crate::layers::{self, Block, BN_EPSILON};
-use crate::ops::{depthwise::depthwise_conv2d_opt, im2col::im2col, linear::linear, maxpool::max_pool2d, Padding};
+use crate::ops::{depthwise::depthwise_conv2d_opt, fused::scale_columns, im2col::im2col, linear::linear, maxpool::max_pool2d, Padding};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -43,7 +43,7 @@ impl BatchNorm {
     fn fold(&self, w: &Tensor) -> Result<(Tensor, Tensor)> {
         let s = self.gamma.div(&(self.var.affine(1.0, BN_EPSILON)?.sqrt()?))?;
         let b = self.beta.sub(&self.mean.mul(&s)?)?;
-        Ok((w.broadcast_mul(&s)?, b))
+        Ok((scale_columns(w, &s)?, b))
     }
 }
 

@@ -3,6 +3,7 @@
 //! Candle runs a grouped `conv2d` as one small convolution per channel, 65-130x slower than this
 //! direct kernel, whose inner loop is a vectorised multiply-add over the contiguous channels.
 
+use super::fused::mask_positive;
 use super::{axpy, contiguous_f32, nhwc, simd_fn, AxisPad, Padding};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -185,7 +186,7 @@ impl CustomOp2 for DepthwiseConv2d {
         let grad = grad.contiguous()?;
         let mut gx = grad.apply_op2_no_bwd(k, &DepthwiseGradInput { fwd: *self })?;
         if self.relu_input {
-            gx = gx.mul(&x.gt(0f32)?.to_dtype(gx.dtype())?)?;
+            gx = mask_positive(&gx, x)?;
         }
         let gk = x.apply_op2_no_bwd(&grad, &DepthwiseGradKernel { fwd: *self, kernel_dims: k.dims3()? })?;
         Ok((Some(gx), Some(gk)))

@@ -4,6 +4,7 @@
 //! view of NHWC data) with its folded batch-norm.
 
 use super::contiguous_f32;
+use super::fused::{mask_positive, sum_rows};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -95,10 +96,10 @@ impl CustomOp3 for Linear {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = if self.relu { grad.mul(&res.gt(0f32)?.to_dtype(grad.dtype())?)? } else { grad.clone() };
+        let g = if self.relu { mask_positive(grad, res)? } else { grad.clone() };
         let gx = g.matmul(&w.t()?)?;
         let gw = x.t()?.matmul(&g)?;
-        let gb = g.sum(0)?;
+        let gb = sum_rows(&g)?;
         Ok((Some(gx), Some(gw), Some(gb)))
     }
 }

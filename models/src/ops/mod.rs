@@ -10,6 +10,7 @@ pub mod depthwise;
 pub mod im2col;
 pub mod linear;
 pub mod maxpool;
+pub mod fused;
 #[cfg(test)]
 pub(crate) mod testing;
 
