@@ -79,7 +79,7 @@ fn main() {
         std::env::var("WEIGHTS_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../weights").into());
     let dir = std::path::Path::new(&base_dir).join("xception-imagenet");
     let (model, _) = Classifier::load(&dir, &dev).expect("weights: run scripts/fetch-weights.sh");
-    for (size, batch) in [(150, 1), (150, 32), (299, 1), (299, 32)] {
+    for (size, batch) in [(150, 1), (150, 32), (224, 32), (299, 1), (299, 32)] {
         let name = format!("forward: base + GAP, {size} px, batch {batch}");
         if !want(&name) {
             continue;

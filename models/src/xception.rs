@@ -5,18 +5,42 @@
 //! it so when fine-tuning, and so do we), so each conv + BN pair is one affine map, folded into
 //! the convolution's weights once for frozen blocks and per step for trainable ones. Pointwise
 //! convolutions are plain matrix products on the [N·H·W, C] view of the data, which is free in
-//! NHWC; depthwise convolutions and pooling use the kernels of [`crate::ops`].
+//! NHWC; depthwise convolutions and pooling use the kernels of [`crate::ops`] (fast CPU kernels
+//! for f32 on the CPU, Candle's own ops on a GPU or in bf16: [`crate::ops::portable`]).
 
 use crate::layers::{self, Block, BN_EPSILON};
-use crate::ops::{depthwise::depthwise_conv2d_opt, fused::scale_columns, im2col::im2col, linear::linear, maxpool::max_pool2d, Padding};
-use candle_core::{Module, Result, Tensor};
+use crate::ops::{
+    depthwise::depthwise_conv2d_opt, fused::scale_columns, im2col::im2col, linear::linear, maxpool::max_pool2d, Padding,
+};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// Which blocks take part in training. Frozen blocks run on pre-folded weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Which blocks take part in training (frozen blocks run on pre-folded weights), and the float
+/// type of the computation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct XceptionOptions {
     /// Blocks with this 1-based index and above are trainable; `None` freezes the whole base.
     pub trainable_from: Option<usize>,
+    /// Float type the blocks compute in. Weights stay f32 (they are what training updates) and
+    /// are cast at use; the input is cast on the way in and the output back to f32, so callers
+    /// see f32 either way. `BF16` is mixed precision for GPUs; the CPU kernels are f32 only (any
+    /// other type takes [`crate::ops::portable`]).
+    pub compute_dtype: DType,
+}
+
+impl Default for XceptionOptions {
+    fn default() -> Self {
+        Self { trainable_from: None, compute_dtype: DType::F32 }
+    }
+}
+
+/// `t` in the float type `dtype` (a no-op when it already is).
+fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    if t.dtype() == dtype {
+        Ok(t.clone())
+    } else {
+        t.to_dtype(dtype)
+    }
 }
 
 /// Batch-norm statistics and affine parameters of one layer.
@@ -52,24 +76,31 @@ impl BatchNorm {
 struct FoldedAffine {
     w: Tensor,
     bn: BatchNorm,
+    /// Frozen layers: the folded weights, already in the compute type.
     folded: Option<(Tensor, Tensor)>,
+    dtype: DType,
 }
 
 impl FoldedAffine {
-    fn new(w: Tensor, bn: BatchNorm, trainable: bool) -> Result<Self> {
+    fn new(w: Tensor, bn: BatchNorm, trainable: bool, dtype: DType) -> Result<Self> {
         let folded = if trainable {
             None
         } else {
             let (w, b) = bn.fold(&w)?;
-            Some((w.detach(), b.detach()))
+            Some((cast(&w, dtype)?.detach(), cast(&b, dtype)?.detach()))
         };
-        Ok(Self { w, bn, folded })
+        Ok(Self { w, bn, folded, dtype })
     }
 
+    /// The folded weights in the compute type (trainable ones folded, then cast, at every call
+    /// so that gradients reach the f32 weights).
     fn weights(&self) -> Result<(Tensor, Tensor)> {
         match &self.folded {
             Some(f) => Ok(f.clone()),
-            None => self.bn.fold(&self.w),
+            None => {
+                let (w, b) = self.bn.fold(&self.w)?;
+                Ok((cast(&w, self.dtype)?, cast(&b, self.dtype)?))
+            }
         }
     }
 
@@ -99,10 +130,11 @@ impl ConvBn {
         stride: usize,
         padding: Padding,
         trainable: bool,
+        dtype: DType,
     ) -> Result<Self> {
         let w = vb.pp(name).get((k, k, cin, cout), "kernel")?.reshape((k * k * cin, cout))?;
         let bn = BatchNorm::new(vb.pp(format!("{name}_bn")), cout)?;
-        Ok(Self { affine: FoldedAffine::new(w, bn, trainable)?, k, cin, stride, padding })
+        Ok(Self { affine: FoldedAffine::new(w, bn, trainable, dtype)?, k, cin, stride, padding })
     }
 
     fn forward(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
@@ -119,21 +151,22 @@ impl ConvBn {
 struct SepConvBn {
     depthwise: Tensor,
     pointwise: FoldedAffine,
+    dtype: DType,
 }
 
 impl SepConvBn {
-    fn new(vb: &VarBuilder, name: &str, cin: usize, cout: usize, trainable: bool) -> Result<Self> {
+    fn new(vb: &VarBuilder, name: &str, cin: usize, cout: usize, trainable: bool, dtype: DType) -> Result<Self> {
         let v = vb.pp(name);
         let depthwise = v.get((3, 3, cin), "depthwise")?;
         let pw = v.get((cin, cout), "pointwise")?;
         let bn = BatchNorm::new(vb.pp(format!("{name}_bn")), cout)?;
-        let depthwise = if trainable { depthwise } else { depthwise.detach() };
-        Ok(Self { depthwise, pointwise: FoldedAffine::new(pw, bn, trainable)? })
+        let depthwise = if trainable { depthwise } else { cast(&depthwise, dtype)?.detach() };
+        Ok(Self { depthwise, pointwise: FoldedAffine::new(pw, bn, trainable, dtype)?, dtype })
     }
 
     /// `relu_in`: relu on the input (fused into the depthwise kernel); `relu_out` on the output.
     fn forward(&self, x: &Tensor, relu_in: bool, relu_out: bool) -> Result<Tensor> {
-        let d = depthwise_conv2d_opt(x, &self.depthwise, Padding::Same, relu_in)?;
+        let d = depthwise_conv2d_opt(x, &cast(&self.depthwise, self.dtype)?, Padding::Same, relu_in)?;
         let (n, h, w, c) = d.dims4()?;
         let y = self.pointwise.forward(&d.reshape((n * h * w, c))?, relu_out)?;
         y.reshape((n, h, w, y.dim(1)?))
@@ -152,19 +185,29 @@ enum BlockImpl {
 }
 
 impl BlockImpl {
-    fn new(spec: &Block, vb: &VarBuilder, trainable: bool) -> Result<Self> {
-        let sep = |i, cin, cout| SepConvBn::new(vb, &layers::sepconv_name(spec.index(), i), cin, cout, trainable);
+    fn new(spec: &Block, vb: &VarBuilder, trainable: bool, dtype: DType) -> Result<Self> {
+        let sep =
+            |i, cin, cout| SepConvBn::new(vb, &layers::sepconv_name(spec.index(), i), cin, cout, trainable, dtype);
         Ok(match *spec {
             Block::Stem => BlockImpl::Stem {
-                conv1: ConvBn::new(vb, "block1_conv1", 3, (3, 32), 2, Padding::Valid, trainable)?,
-                conv2: ConvBn::new(vb, "block1_conv2", 3, (32, 64), 1, Padding::Valid, trainable)?,
+                conv1: ConvBn::new(vb, "block1_conv1", 3, (3, 32), 2, Padding::Valid, trainable, dtype)?,
+                conv2: ConvBn::new(vb, "block1_conv2", 3, (32, 64), 1, Padding::Valid, trainable, dtype)?,
             },
             Block::Down { index, cin, f1, f2, relu_first } => BlockImpl::Down {
                 index,
                 relu_first,
                 sep1: sep(1, cin, f1)?,
                 sep2: sep(2, f1, f2)?,
-                shortcut: ConvBn::new(vb, &layers::shortcut_name(index), 1, (cin, f2), 2, Padding::Same, trainable)?,
+                shortcut: ConvBn::new(
+                    vb,
+                    &layers::shortcut_name(index),
+                    1,
+                    (cin, f2),
+                    2,
+                    Padding::Same,
+                    trainable,
+                    dtype,
+                )?,
             },
             Block::Middle { index } => {
                 BlockImpl::Middle { index, seps: [sep(1, 728, 728)?, sep(2, 728, 728)?, sep(3, 728, 728)?] }
@@ -219,6 +262,7 @@ impl BlockImpl {
 #[derive(Debug, Clone)]
 pub struct Xception {
     blocks: Vec<BlockImpl>,
+    dtype: DType,
 }
 
 impl Xception {
@@ -226,9 +270,9 @@ impl Xception {
     pub fn new(vb: VarBuilder, opts: XceptionOptions) -> Result<Self> {
         let blocks = layers::blocks()
             .iter()
-            .map(|b| BlockImpl::new(b, &vb, opts.trainable_from.is_some_and(|t| b.index() >= t)))
+            .map(|b| BlockImpl::new(b, &vb, opts.trainable_from.is_some_and(|t| b.index() >= t), opts.compute_dtype))
             .collect::<Result<_>>()?;
-        Ok(Self { blocks })
+        Ok(Self { blocks, dtype: opts.compute_dtype })
     }
 
     /// Runs blocks `from..=to` (1-based) on `x`, the output of block `from - 1` (or the image).
@@ -237,7 +281,7 @@ impl Xception {
         if from == 0 || from > to || to > self.blocks.len() {
             candle_core::bail!("blocks {from}..={to} are not within 1..={}", self.blocks.len())
         }
-        let mut x = x.clone();
+        let mut x = cast(x, self.dtype)?;
         if from == 1 {
             let (_, h, w, c) = x.dims4()?;
             if h < layers::MIN_INPUT_SIZE || w < layers::MIN_INPUT_SIZE || c != 3 {
@@ -251,7 +295,7 @@ impl Xception {
         for b in &self.blocks[from - 1..to] {
             x = b.forward(&x, tap)?;
         }
-        Ok(x)
+        cast(&x, DType::F32)
     }
 
     /// The feature map [N, h, w, 2048], reporting intermediate outputs to `tap`.

@@ -5,9 +5,10 @@
 
 mod common;
 
-use candle_core::{Device, ModuleT, Tensor};
+use candle_core::{DType, Device, ModuleT, Tensor};
 use common::{fixtures, max_abs_diff, weights};
-use models::xception::global_avg_pool;
+use models::weights::ModelDir;
+use models::xception::{global_avg_pool, XceptionOptions};
 use models::Classifier;
 use std::collections::HashMap;
 
@@ -80,4 +81,35 @@ fn kitchenware_logits_match_keras() {
     let d = max_abs_diff(&got, &npy("kitchenware/logits.npy"));
     println!("kitchenware logits: max |diff| {d:.2e}");
     assert!(d <= 1e-3, "max |diff| {d}");
+}
+
+/// The Candle-ops path that runs on GPUs (`models::ops::portable`), taken on the CPU by computing
+/// in f64, reproduces Keras' features like the CPU kernels do.
+#[test]
+fn portable_path_matches_keras() {
+    let m = ModelDir::load(&weights("xception-imagenet"), &Device::Cpu).unwrap();
+    let opts = XceptionOptions { compute_dtype: DType::F64, ..Default::default() };
+    let model = Classifier::new(&m.description, m.var_builder(&Device::Cpu), opts).unwrap();
+    let got = model.features(&npy("kitchenware/inputs_150.npy")).unwrap();
+    assert_eq!(got.dtype(), DType::F32);
+    let d = max_abs_diff(&got, &npy("kitchenware/features_150.npy"));
+    println!("features 150, portable path in f64: max |diff| {d:.2e}");
+    assert!(d <= 1e-4, "max |diff| {d}");
+}
+
+/// bf16 mixed precision (the trainer's `--precision bf16`, meant for GPUs) stays close to Keras'
+/// f32 logits and gives the same classes.
+#[test]
+fn bf16_mixed_precision_is_close() {
+    let m = ModelDir::load(&weights("kitchenware"), &Device::Cpu).unwrap();
+    let opts = XceptionOptions { compute_dtype: DType::BF16, ..Default::default() };
+    let model = Classifier::new(&m.description, m.var_builder(&Device::Cpu), opts).unwrap();
+    let x = npy("kitchenware/inputs_150.npy");
+    let got = model.forward_t(&x, false).unwrap();
+    let want = npy("kitchenware/logits.npy");
+    let d = max_abs_diff(&got, &want);
+    let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    println!("kitchenware logits in bf16: max |diff| {d:.2e} (largest |logit| {scale:.1})");
+    assert!(d <= 0.05 * scale, "max |diff| {d}");
+    assert_eq!(got.argmax(1).unwrap().to_vec1::<u32>().unwrap(), want.argmax(1).unwrap().to_vec1::<u32>().unwrap());
 }

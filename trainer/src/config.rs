@@ -27,6 +27,28 @@ pub enum Schedule {
     ReduceOnPlateau,
 }
 
+/// Float type of the network's computation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 everywhere (the CPU kernels).
+    #[default]
+    F32,
+    /// Mixed precision for GPUs: the blocks compute in bf16, weights, optimiser and head stay
+    /// f32. On the CPU it runs Candle's generic ops, several times slower than f32.
+    Bf16,
+}
+
+impl Precision {
+    /// The compute type of the Xception blocks.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
 /// One training phase.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -78,6 +100,8 @@ pub struct TrainConfig {
     /// Side of the square input, pixels (>= 71).
     pub image_size: usize,
     pub batch_size: usize,
+    /// Float type of the blocks' computation (`bf16`: mixed precision, for `--device cuda`).
+    pub precision: Precision,
     pub seed: u64,
     /// Width of the head's hidden layer.
     pub inner: usize,
@@ -111,6 +135,7 @@ impl Default for TrainConfig {
             out: "runs/footwear".into(),
             image_size: 224,
             batch_size: 32,
+            precision: Precision::F32,
             seed: 42,
             inner: 100,
             dropout: 0.2,

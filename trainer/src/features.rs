@@ -75,6 +75,8 @@ pub struct CacheSpec<'a> {
     pub upto: usize,
     pub batch: usize,
     pub prep: &'a Preprocessing,
+    /// Compute type of the frozen blocks (f32 unless `--precision bf16`).
+    pub dtype: candle_core::DType,
 }
 
 /// The seeded generator of one augmented variant of one image: independent of batching and
@@ -126,6 +128,10 @@ pub fn disk_key(images: &Images, spec: &CacheSpec, base_weights: &std::path::Pat
         spec.augment,
         spec.prep
     ));
+    // (f32 caches keep the key they had before the precision option existed.)
+    if spec.dtype != candle_core::DType::F32 {
+        h.update(format!("|{:?}", spec.dtype));
+    }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 

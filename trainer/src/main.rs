@@ -8,7 +8,7 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use trainer::config::{OptimizerKind, Schedule, TrainConfig};
+use trainer::config::{OptimizerKind, Precision, Schedule, TrainConfig};
 
 #[global_allocator]
 static GLOBAL: models::alloc::Allocator = models::alloc::Allocator;
@@ -121,6 +121,9 @@ struct TrainArgs {
     /// `cpu`, or `cuda` (needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Float type of the network: `f32`, or `bf16` mixed precision (for `--device cuda`).
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
 }
 
 fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
@@ -140,6 +143,7 @@ fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     set!(out = a.out);
     set!(image_size = a.image_size);
     set!(batch_size = a.batch_size);
+    set!(precision = a.precision);
     set!(seed = a.seed);
     set!(inner = a.inner);
     set!(dropout = a.dropout);
@@ -170,7 +174,12 @@ fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     Ok(c)
 }
 
-fn device(name: &str) -> anyhow::Result<Device> {
+fn device(name: &str, precision: Precision) -> anyhow::Result<Device> {
+    if precision == Precision::Bf16 && name == "cpu" {
+        tracing::warn!(
+            "bf16 on the CPU runs Candle's generic ops, several times slower than f32: it is meant for --device cuda"
+        );
+    }
     match name {
         "cpu" => Ok(Device::Cpu),
         "cuda" => {
@@ -193,7 +202,7 @@ fn main() -> anyhow::Result<()> {
             if a.train.fine_tune_epochs.is_none() {
                 cfg.fine_tune.epochs = 0;
             }
-            let dev = device(&a.train.device)?;
+            let dev = device(&a.train.device, cfg.precision)?;
             let grid = trainer::sweep::Grid {
                 lr: a.lrs,
                 batch_size: a.batch_sizes,
@@ -216,7 +225,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Train(a) => {
             let cfg = config(&a)?;
-            let dev = device(&a.device)?;
+            let dev = device(&a.device, cfg.precision)?;
             let o = trainer::train::run(&cfg, a.resume, &dev)?;
             println!("\nvalidation:\n{}", o.validation.table());
             println!("test:\n{}", o.test.table());

@@ -339,7 +339,8 @@ pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
     );
     let base_dir =
         ModelDir::load(&cfg.base, dev).with_context(|| format!("loading the base model {}", cfg.base.display()))?;
-    let frozen = Xception::new(base_dir.var_builder(dev), XceptionOptions::default())?;
+    let opts = XceptionOptions { trainable_from: None, compute_dtype: cfg.precision.dtype() };
+    let frozen = Xception::new(base_dir.var_builder(dev), opts)?;
     let upto = cache_upto(cfg);
     let tc = Instant::now();
     let mut caches = Vec::new();
@@ -352,6 +353,7 @@ pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
             upto,
             batch: 32,
             prep: &prep,
+            dtype: cfg.precision.dtype(),
         };
         let key = features::disk_key(&images[i], &spec, &cfg.base.join(modelspec::WEIGHTS_FILE));
         let disk = (!cfg.feature_cache.as_os_str().is_empty()).then_some(&cfg.feature_cache);
@@ -449,7 +451,11 @@ pub fn train_prepared(
         }
     }
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
-    let base = Xception::new(vb.clone(), XceptionOptions { trainable_from: fine_tune.then_some(cfg.fine_tune_from) })?;
+    let opts = XceptionOptions {
+        trainable_from: fine_tune.then_some(cfg.fine_tune_from),
+        compute_dtype: cfg.precision.dtype(),
+    };
+    let base = Xception::new(vb.clone(), opts)?;
     let head = ClassifierHead::new(&head_cfg, FEATURES, vb)?;
     let vars: HashMap<String, Var> = varmap.data().lock().expect("varmap lock").clone();
     let t = Trainable { base, head, from: cfg.fine_tune_from, vars };

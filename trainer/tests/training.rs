@@ -130,6 +130,7 @@ fn cached_path_equals_direct_forward() {
         upto: 13,
         batch: 5,
         prep: &desc.preprocessing,
+        dtype: candle_core::DType::F32,
     };
     // The cache is built with the frozen ImageNet base: blocks 1-13 are frozen in this run.
     let frozen = Classifier::load(&base(), &Device::Cpu).unwrap().0;
@@ -145,6 +146,38 @@ fn cached_path_equals_direct_forward() {
     let d =
         (cached - direct).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(d < 1e-4, "cached and direct logits differ by {d}");
+    std::fs::remove_dir_all(out).unwrap();
+    std::fs::remove_dir_all(data).unwrap();
+}
+
+/// bf16 mixed precision (`--precision bf16`, meant for `--device cuda`; here on the CPU through
+/// the same Candle-ops path) trains both phases: the loss falls, the weights stay f32, the test
+/// accuracy beats chance, and its feature caches do not mix with the f32 ones.
+#[test]
+fn bf16_mixed_precision_trains() {
+    let data = small_footwear(8, "data-bf16");
+    let out = tmp("bf16");
+    let mut cfg = small_config(&data, &out.join("run"));
+    cfg.precision = trainer::config::Precision::Bf16;
+    cfg.head.epochs = 6;
+    cfg.fine_tune.epochs = 2;
+    trainer::train::run(&cfg, false, &Device::Cpu).unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("run/metrics.json")).unwrap()).unwrap();
+    let acc = m["test"]["accuracy"].as_f64().unwrap();
+    assert!(acc > 0.5, "24 test images, 3 classes: accuracy {acc} is no better than chance");
+    let history = std::fs::read_to_string(out.join("run/history.csv")).unwrap();
+    let losses: Vec<f64> = history.lines().skip(1).map(|l| l.split(',').nth(3).unwrap().parse().unwrap()).collect();
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    assert!(losses[losses.len() - 1] < losses[0], "training loss did not fall: {losses:?}");
+    let saved = candle_core::safetensors::load(out.join("run/model.safetensors"), &Device::Cpu).unwrap();
+    assert!(saved.values().all(|t| t.dtype() == candle_core::DType::F32));
+    // One cache per split, keyed apart from f32 caches of the same images.
+    let caches = std::fs::read_dir(out.join("feature-cache")).unwrap().count();
+    cfg.precision = trainer::config::Precision::F32;
+    cfg.out = out.join("run-f32");
+    cfg.fine_tune.epochs = 0;
+    trainer::train::run(&cfg, false, &Device::Cpu).unwrap();
+    assert!(std::fs::read_dir(out.join("feature-cache")).unwrap().count() > caches);
     std::fs::remove_dir_all(out).unwrap();
     std::fs::remove_dir_all(data).unwrap();
 }

@@ -21,6 +21,9 @@ pub fn depthwise_conv2d_opt(x: &Tensor, kernel: &Tensor, padding: Padding, relu_
     if kc != c {
         candle_core::bail!("depthwise_conv2d: kernel has {kc} channels, input has {c}")
     }
+    if !super::portable::use_kernels(x) {
+        return super::portable::depthwise_conv2d(x, kernel, padding, relu_input);
+    }
     let (_, pad_h) = padding.resolve(h, kh, 1)?;
     let (_, pad_w) = padding.resolve(w, kw, 1)?;
     x.contiguous()?.apply_op2(&kernel.contiguous()?, DepthwiseConv2d { pad_h, pad_w, relu_input })

@@ -27,6 +27,9 @@ pub fn mask_positive(grad: &Tensor, reference: &Tensor) -> Result<Tensor> {
 
 /// `w` [K, N] with column `j` multiplied by `s[j]` (`s` [N]); gradients flow to both.
 pub fn scale_columns(w: &Tensor, s: &Tensor) -> Result<Tensor> {
+    if !super::portable::use_kernels(w) {
+        return w.broadcast_mul(s);
+    }
     w.contiguous()?.apply_op2(&s.contiguous()?, ScaleColumns)
 }
 

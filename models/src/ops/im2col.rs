@@ -27,6 +27,9 @@ pub fn im2col(x: &Tensor, kh: usize, kw: usize, stride: usize, padding: Padding)
     if kh == 1 && kw == 1 && stride == 1 {
         return Ok(x.clone());
     }
+    if !super::portable::use_kernels(x) {
+        return super::portable::im2col(x, kh, kw, stride, padding);
+    }
     x.contiguous()?.apply_op1(Im2Col { kh, kw, stride, pad_h, pad_w })
 }
 

@@ -9,6 +9,9 @@ use rayon::prelude::*;
 
 /// Max pooling of `x` [N, H, W, C] with a square `k`x`k` window and the given stride.
 pub fn max_pool2d(x: &Tensor, k: usize, stride: usize, padding: Padding) -> Result<Tensor> {
+    if !super::portable::use_kernels(x) {
+        return super::portable::max_pool2d(x, k, stride, padding);
+    }
     let (_, h, w, _) = x.dims4()?;
     let (_, pad_h) = padding.resolve(h, k, stride)?;
     let (_, pad_w) = padding.resolve(w, k, stride)?;

@@ -5,12 +5,16 @@
 //! channels. Each op is a Candle `CustomOp` with a forward and a backward, so that autograd works
 //! through them when blocks are fine-tuned; each is tested against a naive reference
 //! implementation and its gradients are checked numerically.
+//!
+//! The kernels are for f32 tensors on the CPU. For any other device (CUDA) or float type (bf16)
+//! each public function here takes [`portable`], the same layer written with Candle's own ops.
 
 pub mod depthwise;
+pub mod fused;
 pub mod im2col;
 pub mod linear;
 pub mod maxpool;
-pub mod fused;
+pub mod portable;
 #[cfg(test)]
 pub(crate) mod testing;
 
