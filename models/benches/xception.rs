@@ -114,7 +114,8 @@ fn main() {
             }
         }
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-        let base = Xception::new(vb.clone(), XceptionOptions { trainable_from: Some(from), ..Default::default() }).unwrap();
+        let base =
+            Xception::new(vb.clone(), XceptionOptions { trainable_from: Some(from), ..Default::default() }).unwrap();
         let head = ClassifierHead::new(&head_cfg, 2048, vb.clone()).unwrap();
         for (k, v) in varmap.data().lock().unwrap().iter() {
             if k.starts_with("head_") {

@@ -34,6 +34,13 @@ impl Default for XceptionOptions {
     }
 }
 
+/// How a layer is built: trainable or frozen, and its compute type.
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    trainable: bool,
+    dtype: DType,
+}
+
 /// `t` in the float type `dtype` (a no-op when it already is).
 fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
     if t.dtype() == dtype {
@@ -82,7 +89,7 @@ struct FoldedAffine {
 }
 
 impl FoldedAffine {
-    fn new(w: Tensor, bn: BatchNorm, trainable: bool, dtype: DType) -> Result<Self> {
+    fn new(w: Tensor, bn: BatchNorm, Mode { trainable, dtype }: Mode) -> Result<Self> {
         let folded = if trainable {
             None
         } else {
@@ -129,12 +136,11 @@ impl ConvBn {
         (cin, cout): (usize, usize),
         stride: usize,
         padding: Padding,
-        trainable: bool,
-        dtype: DType,
+        mode: Mode,
     ) -> Result<Self> {
         let w = vb.pp(name).get((k, k, cin, cout), "kernel")?.reshape((k * k * cin, cout))?;
         let bn = BatchNorm::new(vb.pp(format!("{name}_bn")), cout)?;
-        Ok(Self { affine: FoldedAffine::new(w, bn, trainable, dtype)?, k, cin, stride, padding })
+        Ok(Self { affine: FoldedAffine::new(w, bn, mode)?, k, cin, stride, padding })
     }
 
     fn forward(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
@@ -155,13 +161,13 @@ struct SepConvBn {
 }
 
 impl SepConvBn {
-    fn new(vb: &VarBuilder, name: &str, cin: usize, cout: usize, trainable: bool, dtype: DType) -> Result<Self> {
+    fn new(vb: &VarBuilder, name: &str, cin: usize, cout: usize, mode: Mode) -> Result<Self> {
         let v = vb.pp(name);
         let depthwise = v.get((3, 3, cin), "depthwise")?;
         let pw = v.get((cin, cout), "pointwise")?;
         let bn = BatchNorm::new(vb.pp(format!("{name}_bn")), cout)?;
-        let depthwise = if trainable { depthwise } else { cast(&depthwise, dtype)?.detach() };
-        Ok(Self { depthwise, pointwise: FoldedAffine::new(pw, bn, trainable, dtype)?, dtype })
+        let depthwise = if mode.trainable { depthwise } else { cast(&depthwise, mode.dtype)?.detach() };
+        Ok(Self { depthwise, pointwise: FoldedAffine::new(pw, bn, mode)?, dtype: mode.dtype })
     }
 
     /// `relu_in`: relu on the input (fused into the depthwise kernel); `relu_out` on the output.
@@ -185,29 +191,19 @@ enum BlockImpl {
 }
 
 impl BlockImpl {
-    fn new(spec: &Block, vb: &VarBuilder, trainable: bool, dtype: DType) -> Result<Self> {
-        let sep =
-            |i, cin, cout| SepConvBn::new(vb, &layers::sepconv_name(spec.index(), i), cin, cout, trainable, dtype);
+    fn new(spec: &Block, vb: &VarBuilder, mode: Mode) -> Result<Self> {
+        let sep = |i, cin, cout| SepConvBn::new(vb, &layers::sepconv_name(spec.index(), i), cin, cout, mode);
         Ok(match *spec {
             Block::Stem => BlockImpl::Stem {
-                conv1: ConvBn::new(vb, "block1_conv1", 3, (3, 32), 2, Padding::Valid, trainable, dtype)?,
-                conv2: ConvBn::new(vb, "block1_conv2", 3, (32, 64), 1, Padding::Valid, trainable, dtype)?,
+                conv1: ConvBn::new(vb, "block1_conv1", 3, (3, 32), 2, Padding::Valid, mode)?,
+                conv2: ConvBn::new(vb, "block1_conv2", 3, (32, 64), 1, Padding::Valid, mode)?,
             },
             Block::Down { index, cin, f1, f2, relu_first } => BlockImpl::Down {
                 index,
                 relu_first,
                 sep1: sep(1, cin, f1)?,
                 sep2: sep(2, f1, f2)?,
-                shortcut: ConvBn::new(
-                    vb,
-                    &layers::shortcut_name(index),
-                    1,
-                    (cin, f2),
-                    2,
-                    Padding::Same,
-                    trainable,
-                    dtype,
-                )?,
+                shortcut: ConvBn::new(vb, &layers::shortcut_name(index), 1, (cin, f2), 2, Padding::Same, mode)?,
             },
             Block::Middle { index } => {
                 BlockImpl::Middle { index, seps: [sep(1, 728, 728)?, sep(2, 728, 728)?, sep(3, 728, 728)?] }
@@ -270,7 +266,13 @@ impl Xception {
     pub fn new(vb: VarBuilder, opts: XceptionOptions) -> Result<Self> {
         let blocks = layers::blocks()
             .iter()
-            .map(|b| BlockImpl::new(b, &vb, opts.trainable_from.is_some_and(|t| b.index() >= t), opts.compute_dtype))
+            .map(|b| {
+                BlockImpl::new(
+                    b,
+                    &vb,
+                    Mode { trainable: opts.trainable_from.is_some_and(|t| b.index() >= t), dtype: opts.compute_dtype },
+                )
+            })
             .collect::<Result<_>>()?;
         Ok(Self { blocks, dtype: opts.compute_dtype })
     }
