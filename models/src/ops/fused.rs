@@ -12,7 +12,7 @@ use super::{contiguous_f32, simd_fn};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Rows summed by one task of [`sum_rows`].
+/// Rows summed by one task of a column sum (fixed, so that the order of additions is too).
 const ROW_BLOCK: usize = 256;
 
 /// The sum over the rows of `x` [M, N]: a [N] tensor. No gradient flows through it.
