@@ -8,7 +8,7 @@
 # nvcc comes from PyPI (the CUDA 13.0 `cuda-toolkit` wheels); libcuda and the CUDA libraries are
 # link-only stubs (scripts/make-cuda-root.sh, about 100 MB of downloads, cached in .local/).
 # Kernels are built for compute capability 9.0 (H100/H200; CUDA_COMPUTE_CAP overrides). The
-# build goes to target/cuda (about 10 minutes on 2 cores the first time, nearly all of it nvcc
+# build goes to target/cuda (about 11 minutes on 2 cores the first time, nearly all of it nvcc
 # compiling Candle's kernels); the binary is target/cuda/release/trainer.
 #
 # On a machine with a GPU, build the same way (with the real CUDA toolkit, or this root) and run

@@ -54,10 +54,6 @@ fn sorted_entries(dir: &Path, want_dirs: bool) -> Result<Vec<PathBuf>, DataError
     Ok(v)
 }
 
-fn is_image(p: &Path) -> bool {
-    modelspec::preprocess::is_image_path(p)
-}
-
 /// Lists the folder, checking that every split has the same non-empty classes.
 pub fn scan(root: &Path) -> Result<Dataset, DataError> {
     let mut classes: Option<Vec<String>> = None;
@@ -86,7 +82,8 @@ pub fn scan(root: &Path) -> Result<Dataset, DataError> {
             Some(_) => {}
         }
         for (label, (cdir, name)) in class_dirs.iter().zip(&names).enumerate() {
-            let files: Vec<PathBuf> = sorted_entries(cdir, false)?.into_iter().filter(|p| is_image(p)).collect();
+            let files: Vec<PathBuf> =
+                sorted_entries(cdir, false)?.into_iter().filter(|p| modelspec::preprocess::is_image_path(p)).collect();
             if files.is_empty() {
                 return Err(DataError::EmptyClass { path: cdir.clone(), class: name.clone() });
             }
