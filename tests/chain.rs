@@ -21,8 +21,9 @@ struct Server {
 impl Server {
     fn start(onnx: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(footwear_bin())
-            .args(["serve", "--port", "0", "--threads", "2", "--max-delay-ms", "10", "-m"])
+            .args(["serve", "--port", "0", "--threads", "2", "-m"])
             .arg(onnx)
+            .args(if extra.contains(&"--max-delay-ms") { &[][..] } else { &["--max-delay-ms", "10"][..] })
             .arg("--ort-lib")
             .arg(ort_lib())
             .args(extra)
@@ -256,6 +257,93 @@ fn server_labels_real_photos_and_answers_every_bad_input_with_a_json_4xx() {
     assert!(page.contains("type=\"file\"") && !page.contains("http://") && !page.contains("https://"));
 
     assert!(server.stop().success(), "graceful shutdown");
+}
+
+/// Top-k probabilities of one answer, by label.
+fn probabilities(answer: &Value) -> Vec<(String, f64)> {
+    let mut p: Vec<(String, f64)> = answer["top_k"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["label"].as_str().unwrap().to_string(), r["probability"].as_f64().unwrap()))
+        .collect();
+    p.sort_by(|a, b| a.0.cmp(&b.0));
+    p
+}
+
+#[test]
+fn micro_batching_groups_concurrent_requests_gives_each_its_own_rows_and_times_out() {
+    let t = trained();
+    let photos: Vec<_> = test_photos(&t.data, 2);
+    // Each photo alone (the CLI, batch 1): the reference for what the batched server must answer.
+    let out = Command::new(footwear_bin())
+        .args(["predict", "--format", "json", "--batch", "1", "-m"])
+        .arg(&t.onnx)
+        .arg("--ort-lib")
+        .arg(ort_lib())
+        .args(photos.iter().map(|(f, _)| f))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let solo: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let solo = solo["predictions"].as_array().unwrap();
+    assert_eq!(solo.len(), photos.len());
+
+    // One session, batches of up to 6 images, each batch waiting up to 1.5 s for company: six
+    // clients at once must share batches, and each must get the rows of its own photo.
+    let server = Server::start(&t.onnx, &["--sessions", "1", "--max-batch", "6", "--max-delay-ms", "1500"]);
+    let c = client();
+    let u = format!("{}/v1/predict", server.url);
+    let answers: Vec<Value> = std::thread::scope(|sc| {
+        let handles: Vec<_> = photos
+            .iter()
+            .map(|(f, _)| {
+                let (c, u) = (c.clone(), u.clone());
+                sc.spawn(move || {
+                    let r = c.post(u).header("Content-Type", "image/jpeg").body(std::fs::read(f).unwrap());
+                    let (s, v) = json(r.send().unwrap());
+                    assert_eq!(s, 200, "{v}");
+                    v
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let sizes: Vec<u64> = answers.iter().map(|v| v["batch_size"].as_u64().unwrap()).collect();
+    println!("batch sizes seen by 6 concurrent requests: {sizes:?}");
+    assert!(sizes.iter().all(|&b| (1..=6).contains(&b)), "{sizes:?}");
+    assert!(sizes.iter().any(|&b| b >= 2), "no request shared a batch: {sizes:?}");
+    for ((answer, alone), (f, _)) in answers.iter().zip(solo).zip(&photos) {
+        assert_eq!(answer["label"], alone["label"], "{}", f.display());
+        for ((la, pa), (lb, pb)) in probabilities(answer).iter().zip(probabilities(alone)) {
+            assert_eq!(*la, lb);
+            assert!((pa - pb).abs() < 1e-4, "{}: {la} {pa} in a batch, {pb} alone", f.display());
+        }
+    }
+    let m = c.get(format!("{}/metrics", server.url)).send().unwrap().text().unwrap();
+    let batches: f64 = m
+        .lines()
+        .find(|l| l.starts_with("footwear_batch_size_images_count"))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap_or_else(|| panic!("no batch count in /metrics:\n{m}"))
+        .parse()
+        .unwrap();
+    assert!(batches < 6.0, "{batches} batches for 6 requests");
+    assert!(server.stop().success());
+
+    // A request that cannot be answered in time gets a 503 JSON error, and the server goes on.
+    let server = Server::start(&t.onnx, &["--max-batch", "8", "--max-delay-ms", "4000", "--timeout-s", "1"]);
+    let started = Instant::now();
+    let body = std::fs::read(&photos[0].0).unwrap();
+    let (s, v) = json(
+        c.post(&format!("{}/v1/predict", server.url)).header("Content-Type", "image/jpeg").body(body).send().unwrap(),
+    );
+    assert_eq!((s, v["code"].as_str()), (503, Some("timeout")), "{v}");
+    assert!(started.elapsed() < Duration::from_secs(3), "answered after {:?}", started.elapsed());
+    assert_eq!(json(client().get(format!("{}/v2/health/live", server.url)).send().unwrap()).0, 200);
+    let m = c.get(format!("{}/metrics", server.url)).send().unwrap().text().unwrap();
+    assert!(m.contains("code=\"timeout\"} 1"), "{m}");
+    assert!(server.stop().success(), "graceful shutdown with a request still queued");
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! until the batch holds `max_batch` images or `max_delay` has passed since it began, runs them
 //! as one batch and answers every request with its own rows.
 
+use crate::metrics::BatchObserver;
 use crate::model::{OnnxModel, Prediction};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
@@ -41,14 +42,14 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts one worker thread per session.
-    pub fn start(sessions: Vec<OnnxModel>, config: BatchConfig) -> Self {
+    /// Starts one worker thread per session; `observe` hears of every batch run.
+    pub fn start(sessions: Vec<OnnxModel>, config: BatchConfig, observe: BatchObserver) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         for (i, model) in sessions.into_iter().enumerate() {
-            let rx = rx.clone();
+            let (rx, observe) = (rx.clone(), observe.clone());
             std::thread::Builder::new()
                 .name(format!("session-{i}"))
-                .spawn(move || worker(model, rx, config))
+                .spawn(move || worker(model, rx, config, observe))
                 .expect("spawning a session thread");
         }
         Self { tx, rx, config }
@@ -69,7 +70,7 @@ impl Batcher {
     }
 }
 
-fn worker(mut model: OnnxModel, rx: Receiver<Job>, cfg: BatchConfig) {
+fn worker(mut model: OnnxModel, rx: Receiver<Job>, cfg: BatchConfig, observe: BatchObserver) {
     let mut carry: Option<Job> = None;
     loop {
         let first = match carry.take() {
@@ -109,6 +110,7 @@ fn worker(mut model: OnnxModel, rx: Receiver<Job>, cfg: BatchConfig) {
         }
         let result = model.run(pixels, total);
         let inference = start.elapsed();
+        observe(total, inference);
         match result {
             Ok(preds) => {
                 let mut rows = preds.into_iter();

@@ -7,6 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -30,6 +31,9 @@ fn latency_histogram() -> Histogram {
     // 1 ms to ~16 s.
     Histogram::new(exponential_buckets(0.001, 2.0, 15))
 }
+
+/// Called once per inference batch with its size and its time in ONNX Runtime.
+pub type BatchObserver = Arc<dyn Fn(usize, Duration) + Send + Sync>;
 
 pub struct Metrics {
     registry: Registry,
@@ -77,10 +81,18 @@ impl Metrics {
         self.latency.get_or_create(&EndpointLabels { endpoint }).observe(latency.as_secs_f64());
     }
 
-    pub fn batch(&self, size: usize, queue: Duration, inference: Duration) {
-        self.batch_size.observe(size as f64);
+    /// What the batcher reports once per batch it runs: its images and its time in ONNX Runtime.
+    pub fn batch_observer(&self) -> BatchObserver {
+        let (size, inference) = (self.batch_size.clone(), self.inference.clone());
+        Arc::new(move |n, t| {
+            size.observe(n as f64);
+            inference.observe(t.as_secs_f64());
+        })
+    }
+
+    /// How long one request waited for its batch.
+    pub fn queued_for(&self, queue: Duration) {
         self.queue.observe(queue.as_secs_f64());
-        self.inference.observe(inference.as_secs_f64());
     }
 
     pub fn set_queue(&self, n: usize) {

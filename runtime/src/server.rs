@@ -142,7 +142,7 @@ impl AppState {
                 )
             })?
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference_failed", e))?;
-        self.metrics.batch(b.batch_size, b.queue, b.inference);
+        self.metrics.queued_for(b.queue);
         Ok(b)
     }
 }
@@ -457,16 +457,11 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 pub fn app(sessions: Vec<OnnxModel>, cfg: ServeConfig) -> Router {
     let first = &sessions[0];
     let d = &first.info.description;
-    let state = Arc::new(AppState {
-        name: d.name.clone(),
-        version: first.info.model_version.to_string(),
-        classes: d.classes.clone(),
-        size: d.input_size,
-        resize: d.preprocessing.clone(),
-        metrics: Metrics::new(),
-        batcher: Batcher::start(sessions, cfg.batch),
-        cfg,
-    });
+    let (name, version, classes) = (d.name.clone(), first.info.model_version.to_string(), d.classes.clone());
+    let (size, resize) = (d.input_size, d.preprocessing.clone());
+    let metrics = Metrics::new();
+    let batcher = Batcher::start(sessions, cfg.batch, metrics.batch_observer());
+    let state = Arc::new(AppState { name, version, classes, size, resize, metrics, batcher, cfg });
     let protected = Router::new()
         .route("/v1/predict", post(predict))
         .route("/v2/models/{name}", get(v2_model))
