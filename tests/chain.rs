@@ -336,7 +336,7 @@ fn micro_batching_groups_concurrent_requests_gives_each_its_own_rows_and_times_o
     let started = Instant::now();
     let body = std::fs::read(&photos[0].0).unwrap();
     let (s, v) = json(
-        c.post(&format!("{}/v1/predict", server.url)).header("Content-Type", "image/jpeg").body(body).send().unwrap(),
+        c.post(format!("{}/v1/predict", server.url)).header("Content-Type", "image/jpeg").body(body).send().unwrap(),
     );
     assert_eq!((s, v["code"].as_str()), (503, Some("timeout")), "{v}");
     assert!(started.elapsed() < Duration::from_secs(3), "answered after {:?}", started.elapsed());
