@@ -401,6 +401,36 @@ fn cli_predicts_files_folders_and_globs_and_reports_unreadable_files() {
 }
 
 #[test]
+fn cuda_without_a_cuda_library_is_refused_with_require_cuda_and_else_falls_back_saying_so() {
+    // The CPU build of ONNX Runtime (what the tests install) has no CUDA execution provider.
+    let t = trained();
+    let info = |extra: &[&str]| {
+        Command::new(footwear_bin())
+            .args(["info", "--device", "cuda", "-m"])
+            .arg(&t.onnx)
+            .arg("--ort-lib")
+            .arg(ort_lib())
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap()
+    };
+    let out = info(&["--require-cuda"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("CUDA execution provider required but unavailable"), "{stderr}");
+    assert!(out.stdout.is_empty());
+
+    let out = info(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("WARN") && stderr.contains("running on the CPU"), "{stderr}");
+    assert!(stderr.contains("execution provider CPU"), "the log names the provider that runs: {stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["classes"], serde_json::json!(["boot", "sandal", "shoe"]));
+}
+
+#[test]
 fn web_page_in_headless_chromium_uploads_a_photo_and_shows_its_label() {
     let t = trained();
     let server = Server::start(&t.onnx, &[]);
