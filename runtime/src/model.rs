@@ -71,7 +71,7 @@ impl OnnxModel {
 
     /// Loads a model from memory; `path` only names it in errors.
     pub fn from_bytes(bytes: &[u8], path: &Path, cfg: &SessionConfig) -> Result<Self, ModelError> {
-        ortlib::init(cfg.ort_lib.as_deref())?;
+        let lib = ortlib::init(cfg.ort_lib.as_deref(), cfg.cuda)?;
         let env = ortlib::environment().expect("initialised above");
         let session_err = |reason: String| ModelError::Session { path: path.into(), reason };
         let mut builder = Session::builder(env).map_err(|e| session_err(e.to_string()))?;
@@ -80,6 +80,14 @@ impl OnnxModel {
         }
         let mut provider = "CPU";
         if cfg.cuda {
+            match ortlib::preload_cuda_libraries(&lib) {
+                Ok(libs) if !libs.is_empty() => {
+                    tracing::debug!("CUDA libraries loaded from {}", libs[0].parent().unwrap_or(&lib).display())
+                }
+                Ok(_) => {}
+                Err(e) if cfg.require_cuda => return Err(ModelError::Cuda(e.to_string())),
+                Err(e) => tracing::warn!("{e}"),
+            }
             let ep = ort::ep::CUDA::default().build().error_on_failure();
             match ep.register(&mut builder) {
                 Ok(()) => provider = "CUDA",
@@ -99,7 +107,19 @@ impl OnnxModel {
         if cfg.no_spin {
             builder = builder.with_intra_op_spinning(false).map_err(|e| session_err(e.to_string()))?;
         }
-        let session = builder.commit_from_memory(bytes).map_err(|e| session_err(e.to_string()))?;
+        let session = match builder.commit_from_memory(bytes) {
+            Ok(s) => s,
+            // The provider registered, but CUDA itself failed when the session started (no GPU,
+            // a driver too old for the CUDA runtime, out of memory): the CPU, unless told not to.
+            Err(e) if provider == "CUDA" && e.to_string().contains("CUDA") => {
+                if cfg.require_cuda {
+                    return Err(ModelError::Cuda(format!("the CUDA execution provider failed to start: {e}")));
+                }
+                tracing::warn!("the CUDA execution provider failed to start, running on the CPU: {e}");
+                return Self::from_bytes(bytes, path, &SessionConfig { cuda: false, ..cfg.clone() });
+            }
+            Err(e) => return Err(session_err(e.to_string())),
+        };
         let meta = session.metadata().map_err(|e| session_err(e.to_string()))?;
         let info =
             onnx_meta::parse(|k| meta.custom(k)).map_err(|source| ModelError::Meta { path: path.into(), source })?;
