@@ -36,7 +36,8 @@ struct ModelArgs {
     /// The ONNX file.
     #[arg(short, long, env = "FOOTWEAR_MODEL", default_value = "model.onnx")]
     model: PathBuf,
-    /// ONNX Runtime library [default: $ORT_DYLIB_PATH, else .local/onnxruntime/libonnxruntime.so.1.31.1].
+    /// ONNX Runtime library [default: $ORT_DYLIB_PATH, else .local/onnxruntime/libonnxruntime.so.1.31.1;
+    /// with --device cuda, .local/onnxruntime-gpu/onnxruntime/capi/libonnxruntime.so.1.31.1 first].
     #[arg(long)]
     ort_lib: Option<PathBuf>,
     /// Execution provider.
