@@ -21,7 +21,7 @@ pub const NUM_BLOCKS: usize = 14;
 pub enum Block {
     /// Block 1: two dense 3x3 convolutions (32 channels stride 2, 64 channels), 'valid' padding.
     Stem,
-    /// Blocks 2, 3, 4, 13: [relu], sepconv(f1), relu, sepconv(f2), 3x3/2 max-pool, plus a strided
+    /// Blocks 2, 3, 4, 13: (relu), sepconv(f1), relu, sepconv(f2), 3x3/2 max-pool, plus a strided
     /// 1x1 convolution shortcut.
     Down { index: usize, cin: usize, f1: usize, f2: usize, relu_first: bool },
     /// Blocks 5-12: three (relu, sepconv(728)) and an identity shortcut.

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 /// Rows summed by one task of a column sum (fixed, so that the order of additions is too).
 const ROW_BLOCK: usize = 256;
 
-/// The sum over the rows of `x` [M, N]: a [N] tensor. No gradient flows through it.
+/// The sum over the rows of `x` `[M, N]`: a `[N]` tensor. No gradient flows through it.
 pub fn sum_rows(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&SumRows)
 }
@@ -25,7 +25,7 @@ pub fn mask_positive(grad: &Tensor, reference: &Tensor) -> Result<Tensor> {
     grad.contiguous()?.apply_op2_no_bwd(&reference.contiguous()?, &MaskPositive)
 }
 
-/// `w` [K, N] with column `j` multiplied by `s[j]` (`s` [N]); gradients flow to both.
+/// `w` `[K, N]` with column `j` multiplied by `s[j]` (`s` `[N]`); gradients flow to both.
 pub fn scale_columns(w: &Tensor, s: &Tensor) -> Result<Tensor> {
     if !super::portable::use_kernels(w) {
         return w.broadcast_mul(s);

@@ -8,7 +8,7 @@ use super::fused::{mask_positive, sum_rows};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// `x` [M, K] · `w` [K, N] + `b` [N], then relu if asked.
+/// `x` `[M, K]` · `w` `[K, N]` + `b` `[N]`, then relu if asked.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
     if !super::portable::use_kernels(x) {
         return super::portable::linear(x, w, b, relu);

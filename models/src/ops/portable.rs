@@ -13,7 +13,7 @@ pub(crate) fn use_kernels(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
 }
 
-/// `x` [M, K] · `w` [K, N] + `b` [N], then relu if asked.
+/// `x` `[M, K]` · `w` `[K, N]` + `b` `[N]`, then relu if asked.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
     let y = x.matmul(w)?.broadcast_add(b)?;
     if relu {
