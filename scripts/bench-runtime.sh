@@ -19,7 +19,7 @@ mkdir -p "$out"
 [ -x "$venv/bin/python" ] || ../shared/bench/setup-reference-venv.sh "$venv"
 command -v wrk >/dev/null || { echo "wrk is missing (apt-get install wrk)" >&2; exit 1; }
 ./scripts/setup-onnxruntime.sh >/dev/null
-cargo build --quiet --release -p runtime -p exporter
+cargo build --quiet --release --workspace --bins
 bin=target/release/footwear
 export RUST_LOG=warn,footwear=info
 # uint8 input (the default file) and float32 input (keras_reference.py feeds float tensors).

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 model=${1:-runs/footwear/model.onnx}
 venv=${2:-}
 bin=target/release/footwear
-[ -x "$bin" ] || cargo build --release -p runtime
+[ -x "$bin" ] || cargo build --release --workspace --bins
 [ -f "$model" ] || { echo "no $model: train and export first (scripts/main.sh)" >&2; exit 1; }
 stripped=$(mktemp); trap 'rm -f "$stripped"' EXIT
 strip -o "$stripped" "$bin"

@@ -125,7 +125,8 @@ struct ServeArgs {
     threshold: f32,
 }
 
-fn session_config(m: &ModelArgs) -> SessionConfig {
+/// `serving`: a server's batch sizes vary, so it keeps no memory pattern per input shape.
+fn session_config(m: &ModelArgs, serving: bool) -> SessionConfig {
     SessionConfig {
         threads: m.threads,
         ort_lib: m.ort_lib.clone(),
@@ -133,12 +134,13 @@ fn session_config(m: &ModelArgs) -> SessionConfig {
         require_cuda: m.require_cuda,
         no_arena: m.no_memory_arena,
         no_spin: m.no_spin,
+        no_memory_pattern: serving,
     }
 }
 
-fn load(m: &ModelArgs) -> anyhow::Result<OnnxModel> {
+fn load(m: &ModelArgs, serving: bool) -> anyhow::Result<OnnxModel> {
     let t = Instant::now();
-    let model = OnnxModel::load(&m.model, &session_config(m))?;
+    let model = OnnxModel::load(&m.model, &session_config(m, serving))?;
     tracing::info!(
         "{}: model `{}` v{}, {} classes, {} px, execution provider {}, loaded in {:.0} ms",
         m.model.display(),
@@ -198,7 +200,7 @@ fn expand(inputs: &[String]) -> (Vec<PathBuf>, Vec<(String, String)>) {
 }
 
 fn predict(a: &PredictArgs) -> anyhow::Result<ExitCode> {
-    let mut model = load(&a.model)?;
+    let mut model = load(&a.model, false)?;
     let (files, mut errors) = expand(&a.inputs);
     let (size, prep) = (model.input_size() as u32, model.info.description.preprocessing.clone());
     let classes = model.classes().to_vec();
@@ -302,7 +304,7 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
     if a.sessions == 0 || a.max_batch == 0 {
         bail!("--sessions and --max-batch must be at least 1");
     }
-    let sessions = (0..a.sessions).map(|_| load(&a.model)).collect::<anyhow::Result<Vec<_>>>()?;
+    let sessions = (0..a.sessions).map(|_| load(&a.model, true)).collect::<anyhow::Result<Vec<_>>>()?;
     let cfg = ServeConfig {
         batch: BatchConfig { max_batch: a.max_batch, max_delay: Duration::from_millis(a.max_delay_ms) },
         timeout: Duration::from_secs(a.timeout_s),
@@ -324,7 +326,7 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn info(m: &ModelArgs) -> anyhow::Result<ExitCode> {
-    let model = load(m)?;
+    let model = load(m, false)?;
     let i = &model.info;
     let out = serde_json::json!({
         "file": m.model.display().to_string(),

@@ -23,6 +23,10 @@ pub struct SessionConfig {
     pub no_arena: bool,
     /// Idle ONNX Runtime threads sleep instead of spinning (frees the cores for decoding).
     pub no_spin: bool,
+    /// Turn off ONNX Runtime's memory patterns (one preplanned block per input shape seen) but
+    /// keep the arena: for a server, whose batch sizes vary, it saves memory at no cost in
+    /// speed (measured: 147-150 instead of 167-169 MiB resident, same requests/s).
+    pub no_memory_pattern: bool,
 }
 
 /// Why a model cannot be loaded or run.
@@ -99,8 +103,10 @@ impl OnnxModel {
                 Err(e) => tracing::warn!("CUDA execution provider unavailable, running on the CPU: {e}"),
             }
         }
-        if cfg.no_arena {
+        if cfg.no_arena || cfg.no_memory_pattern {
             builder = builder.with_memory_pattern(false).map_err(|e| session_err(e.to_string()))?;
+        }
+        if cfg.no_arena {
             let cpu = ort::ep::CPU::default().with_arena_allocator(false).build();
             cpu.register(&mut builder).map_err(|e| session_err(e.to_string()))?;
         }
