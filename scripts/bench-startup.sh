@@ -30,7 +30,10 @@ time_to_ready() {
     s=$(date +%s.%N)
     "$@" >/dev/null 2>&1 &
     pid=$!
-    until curl -sf -o /dev/null "$url"; do sleep 0.005; done
+    until curl -sf -o /dev/null "$url"; do
+      kill -0 $pid 2>/dev/null || { echo "$* exited before answering $url" >&2; exit 1; }
+      sleep 0.005
+    done
     e=$(date +%s.%N)
     awk '/VmRSS/ {print $2}' /proc/$pid/status >>"$rss"
     kill -TERM $pid; wait $pid || true
