@@ -226,7 +226,7 @@ pub fn verify(onnx_path: &Path, samples: &Samples, dir: &ModelDir, o: &crate::Ex
         let engine = "candle-onnx 0.11 (CPU)".to_string();
         let run = (|| -> anyhow::Result<Vec<f32>> {
             use prost::Message;
-            let model = candle_onnx::onnx::ModelProto::decode(bytes.as_slice())?;
+            let model = crate::graph::with_explicit_pads(candle_onnx::onnx::ModelProto::decode(bytes.as_slice())?);
             let mut got = Vec::new();
             // One image at a time: candle-onnx keeps every intermediate value alive.
             for px in &samples.pixels {

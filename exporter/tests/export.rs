@@ -78,6 +78,20 @@ fn kitchenware_model_from_keras_gives_tensorflow_logits_through_onnx_runtime() {
     assert!(e.report_path.unwrap().exists());
     onnx_check(&out);
 
+    // 'Same' pooling is four padded MaxPools (no Pad nodes); candle-onnx, which verified the file
+    // above, read it as reflect Pads + unpadded MaxPools.
+    use prost::Message;
+    let model = candle_onnx::onnx::ModelProto::decode(std::fs::read(&out).unwrap().as_slice()).unwrap();
+    let count = |m: &candle_onnx::onnx::ModelProto, op: &str| {
+        m.graph.as_ref().unwrap().node.iter().filter(|n| n.op_type == op).count()
+    };
+    let padded_pools = model.graph.as_ref().unwrap().node.iter().filter(|n| {
+        n.op_type == "MaxPool" && n.attribute.iter().any(|a| a.name == "pads" && a.ints.iter().any(|&p| p > 0))
+    });
+    assert_eq!((padded_pools.count(), count(&model, "Pad")), (4, 0));
+    let rewritten = exporter::graph::with_explicit_pads(model);
+    assert_eq!((count(&rewritten, "Pad"), count(&rewritten, "MaxPool")), (4, 4));
+
     // TensorFlow's inputs are x/127.5 - 1 of uint8 pixels: exactly invertible.
     let fx = repo().join("../shared/fixtures/kitchenware");
     let x = Tensor::read_npy(fx.join("inputs_150.npy")).unwrap();
