@@ -104,6 +104,24 @@ fn png_header(w: u32, h: u32) -> Vec<u8> {
     png
 }
 
+/// POSTs `n` zero bytes to /v1/predict over a plain socket, writing the whole body before
+/// reading anything; returns the answer's status line.
+fn post_all_then_read(url: &str, n: usize) -> std::io::Result<String> {
+    use std::io::Write;
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "POST /v1/predict HTTP/1.1\r\nHost: {addr}\r\nContent-Type: image/jpeg\r\n\
+         Authorization: Bearer {TOKEN}\r\nContent-Length: {n}\r\n\r\n"
+    )?;
+    s.write_all(&vec![0u8; n])?;
+    let mut status = String::new();
+    BufReader::new(s).read_line(&mut status)?;
+    Ok(status)
+}
+
 #[test]
 fn server_labels_real_photos_and_answers_every_bad_input_with_a_json_4xx() {
     let t = trained();
@@ -206,6 +224,10 @@ fn server_labels_real_photos_and_answers_every_bad_input_with_a_json_4xx() {
         assert!(!v["error"].as_str().unwrap().is_empty(), "{what}: {v}");
         println!("{what}: {status} {}", v["error"]);
     }
+    // A client that writes all of an oversized body before reading (8 MiB: more than the sockets
+    // buffer) still gets the 413, not a reset connection.
+    let status = post_all_then_read(&server.url, 8 << 20).expect("the 413 of an 8 MiB body");
+    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
     let infer = |model: &str, body: &str| {
         json(
             c.post(url(&format!("/v2/models/{model}/infer")))
