@@ -444,7 +444,7 @@ async fn reject_oversized(State(s): State<Arc<AppState>>, req: Request, next: Ne
     use http_body_util::BodyExt;
     let limit = s.cfg.max_body_bytes;
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if !declared.is_some_and(|n| n > limit as u64) {
+    if declared.is_none_or(|n| n <= limit as u64) {
         return next.run(req).await;
     }
     let mut body = req.into_body();
