@@ -237,7 +237,8 @@ pub fn with_explicit_pads(mut model: ModelProto) -> ModelProto {
     let Some(graph) = model.graph.as_mut() else { return model };
     let mut nodes = Vec::with_capacity(graph.node.len());
     for mut n in std::mem::take(&mut graph.node) {
-        let pads = n.attribute.iter().position(|a| a.name == "pads" && a.ints.iter().any(|&p| p != 0));
+        let pads =
+            n.attribute.iter().position(|a| a.name == "pads" && a.ints.len() == 4 && a.ints.iter().any(|&p| p != 0));
         let (Some(i), "MaxPool", [x]) = (pads, n.op_type.as_str(), n.input.as_slice()) else {
             nodes.push(n);
             continue;
