@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on defaults, the whole chain:
-#   1. fetch the ImageNet weights and ONNX Runtime (once, cached in weights/ and .local/),
+#   1. install the system packages it needs (scripts/setup-system.sh), fetch the ImageNet
+#      weights and ONNX Runtime (once, cached in weights/ and .local/),
 #   2. fine-tune Xception on the footwear photos (trainer),
 #   3. export the run to one verified model.onnx, and check its test accuracy through ONNX Runtime,
 #   4. predict a few test photos with the runtime binary, and say how to start the server.
@@ -8,6 +9,7 @@
 #   ./scripts/main.sh [--data DIR] [--out DIR] [...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+./scripts/setup-system.sh main
 ./scripts/fetch-weights.sh
 ./scripts/setup-onnxruntime.sh
 cargo build --quiet --release -p trainer -p exporter -p runtime
