@@ -2,20 +2,13 @@
 //! once per test binary.
 
 use candle_core::Device;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
-
-pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-pub fn footwear() -> PathBuf {
-    repo().join("../shared/data/footwear")
-}
+pub use testkit::{repo, test_photos};
 
 /// The ONNX Runtime library installed by scripts/setup-onnxruntime.sh.
 pub fn ort_lib() -> PathBuf {
-    let lib = repo().join(runtime::ortlib::INSTALL_DIR).join(runtime::ortlib::LIB_NAME);
+    let lib = inference::ortlib::installed(&repo());
     assert!(lib.exists(), "{} is missing: run scripts/setup-onnxruntime.sh first", lib.display());
     lib
 }
@@ -43,18 +36,15 @@ pub struct Trained {
 pub fn trained() -> &'static Trained {
     static T: OnceLock<Trained> = OnceLock::new();
     T.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("e2e-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = testkit::tmp("e2e", "chain");
         let data = dir.join("data");
-        trainer::data::link_subset(&footwear(), &data, 30).unwrap();
-        let weights = std::env::var_os("WEIGHTS_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("weights"));
+        testkit::link_subset(&testkit::footwear(), &data, 30).unwrap();
         let mut cfg = trainer::config::TrainConfig {
             data: data.clone(),
-            base: weights.join("xception-imagenet"),
+            base: testkit::weights("xception-imagenet"),
             out: dir.join("run"),
             image_size: 96,
             variants: 1,
-            fine_tune_from: 15,
             batch_size: 16,
             feature_cache: "".into(),
             ..Default::default()
@@ -66,7 +56,7 @@ pub fn trained() -> &'static Trained {
         let o = exporter::ExportOptions {
             run_dir: cfg.out.clone(),
             out: onnx.clone(),
-            precision: exporter::graph::Precision::F32,
+            precision: exporter::graph::OnnxPrecision::F32,
             input_type: modelspec::onnx_meta::InputType::Uint8,
             model_version: 7,
             verify: true,
@@ -74,21 +64,9 @@ pub fn trained() -> &'static Trained {
             max_samples: 3,
             candle_onnx: false,
             tolerance: 1e-4,
-            ort: runtime::SessionConfig { threads: 2, ort_lib: Some(ort_lib()), ..Default::default() },
+            ort: inference::SessionConfig { threads: 2, ort_lib: Some(ort_lib()), ..Default::default() },
         };
         exporter::export(&o).expect("exporting the small model");
         Trained { dir, onnx, data, test_accuracy: outcome.test.accuracy }
     })
-}
-
-/// The first `n` test photos of each class, with their class.
-pub fn test_photos(data: &Path, n: usize) -> Vec<(PathBuf, String)> {
-    let mut out = Vec::new();
-    for class in ["boot", "sandal", "shoe"] {
-        let mut files: Vec<PathBuf> =
-            std::fs::read_dir(data.join("test").join(class)).unwrap().map(|e| e.unwrap().path()).collect();
-        files.sort();
-        out.extend(files.into_iter().take(n).map(|f| (f, class.to_string())));
-    }
-    out
 }

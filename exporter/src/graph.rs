@@ -12,7 +12,7 @@
 //! - Outputs `logits` and `probabilities` (softmax), float32, [N, classes]; a model without a
 //!   head gives `features` [N, 2048].
 //!
-//! With [`Precision::F16`] the weights and the network run in float16 between the scaling and
+//! With [`OnnxPrecision::F16`] the weights and the network run in float16 between the scaling and
 //! the logits (for the CUDA execution provider); input and outputs keep their types.
 
 use candle_onnx::onnx::{
@@ -21,7 +21,7 @@ use candle_onnx::onnx::{
     ValueInfoProto,
 };
 use models::head::{DENSE, LOGITS};
-use models::layers::{self, Block, BN_EPSILON, FEATURES};
+use models::layers::{self, ConvSpec, Padding, Relu, Residual, SepConvSpec, BN_EPSILON, FEATURES};
 use modelspec::onnx_meta::{InputType, FEATURES_NAME, INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME};
 use modelspec::ModelDescription;
 use std::collections::HashMap;
@@ -31,10 +31,10 @@ pub const OPSET: i64 = 17;
 /// The IR version that goes with opset 17.
 pub const IR_VERSION: i64 = 8;
 
-/// Floating-point type of the weights and activations.
+/// Floating-point type of the file's weights and activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Precision {
+pub enum OnnxPrecision {
     F32,
     F16,
 }
@@ -49,7 +49,7 @@ pub struct GraphError(String);
 
 struct Builder<'w> {
     w: &'w Weights,
-    precision: Precision,
+    precision: OnnxPrecision,
     nodes: Vec<NodeProto>,
     inits: Vec<TensorProto>,
 }
@@ -117,8 +117,8 @@ impl<'w> Builder<'w> {
     fn weight(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
         debug_assert_eq!(dims.iter().product::<usize>(), data.len());
         let (data_type, raw_data) = match self.precision {
-            Precision::F32 => (DataType::Float, data.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            Precision::F16 => {
+            OnnxPrecision::F32 => (DataType::Float, data.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            OnnxPrecision::F16 => {
                 (DataType::Float16, data.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect())
             }
         };
@@ -155,8 +155,26 @@ impl<'w> Builder<'w> {
         Ok((s, shift))
     }
 
-    /// Dense convolution `{name}` (kernel HWIO) + batch-norm `{name}_bn`, folded.
-    fn conv_bn(&mut self, x: &str, name: &str, stride: i64) -> Result<String, GraphError> {
+    /// Padding attributes of a window over a map of side `size` (none when it needs none),
+    /// and the output side.
+    fn window(
+        padding: Padding,
+        size: usize,
+        k: usize,
+        stride: usize,
+    ) -> Result<(Vec<AttributeProto>, usize), GraphError> {
+        let (out, p) = padding
+            .window(size, k, stride)
+            .ok_or_else(|| GraphError(format!("a {size} px map is smaller than a {k} px window")))?;
+        let (b, e) = (p.before as i64, p.after as i64);
+        let attrs = if b == 0 && e == 0 { vec![] } else { vec![ints("pads", &[b, b, e, e])] };
+        Ok((attrs, out))
+    }
+
+    /// Dense convolution `spec` (kernel HWIO) + batch-norm `{name}_bn`, folded, with its ReLU,
+    /// on a map of side `size`; returns the output and its side.
+    fn conv_bn(&mut self, x: &str, spec: &ConvSpec, size: usize) -> Result<(String, usize), GraphError> {
+        let name = &spec.name;
         let (shape, k) = self.get(&format!("{name}.kernel"))?;
         let (kh, kw, cin, cout) = (shape[0], shape[1], shape[2], shape[3]);
         let (s, shift) = self.bn(&format!("{name}_bn"))?;
@@ -172,12 +190,20 @@ impl<'w> Builder<'w> {
         }
         let wn = self.weight(&format!("{name}.weight"), &[cout, cin, kh, kw], &w);
         let bn = self.weight(&format!("{name}.bias"), &[cout], &shift);
-        let attrs = vec![ints("kernel_shape", &[kh as i64, kw as i64]), ints("strides", &[stride, stride])];
-        Ok(self.node("Conv", name, &[x, &wn, &bn], attrs))
+        let (pads, out) = Self::window(spec.padding, size, kh, spec.stride)?;
+        let stride = spec.stride as i64;
+        let mut attrs = vec![ints("kernel_shape", &[kh as i64, kw as i64]), ints("strides", &[stride, stride])];
+        attrs.extend(pads);
+        let x = if spec.relu == Relu::Before { self.relu(x) } else { x.to_string() };
+        let y = self.node("Conv", name, &[&x, &wn, &bn], attrs);
+        Ok((if spec.relu == Relu::After { self.relu(&y) } else { y }, out))
     }
 
-    /// Separable convolution `{name}` (depthwise 3x3 'same', then pointwise) + batch-norm.
-    fn sepconv_bn(&mut self, x: &str, name: &str) -> Result<String, GraphError> {
+    /// Separable convolution `spec` (depthwise 3x3 'same', then pointwise) + batch-norm, with
+    /// its ReLU.
+    fn sepconv_bn(&mut self, x: &str, spec: &SepConvSpec) -> Result<String, GraphError> {
+        let name = &spec.name;
+        let x = if spec.relu == Relu::Before { self.relu(x) } else { x.to_string() };
         let (dshape, dw) = self.get(&format!("{name}.depthwise"))?;
         let c = dshape[2];
         let mut d = vec![0f32; dw.len()];
@@ -190,7 +216,7 @@ impl<'w> Builder<'w> {
         }
         let dn = self.weight(&format!("{name}.depthwise"), &[c, 1, 3, 3], &d);
         let attrs = vec![ints("kernel_shape", &[3, 3]), ints("pads", &[1, 1, 1, 1]), int("group", c as i64)];
-        let x = self.node("Conv", &format!("{name}/depthwise"), &[x, &dn], attrs);
+        let x = self.node("Conv", &format!("{name}/depthwise"), &[&x, &dn], attrs);
         let (pshape, pw) = self.get(&format!("{name}.pointwise"))?;
         let (cin, cout) = (pshape[0], pshape[1]);
         let (s, shift) = self.bn(&format!("{name}_bn"))?;
@@ -202,21 +228,12 @@ impl<'w> Builder<'w> {
         }
         let wn = self.weight(&format!("{name}.pointwise"), &[cout, cin, 1, 1], &w);
         let bn = self.weight(&format!("{name}.bias"), &[cout], &shift);
-        Ok(self.node("Conv", &format!("{name}/pointwise"), &[&x, &wn, &bn], vec![ints("kernel_shape", &[1, 1])]))
+        let y = self.node("Conv", &format!("{name}/pointwise"), &[&x, &wn, &bn], vec![ints("kernel_shape", &[1, 1])]);
+        Ok(if spec.relu == Relu::After { self.relu(&y) } else { y })
     }
 
     fn relu(&mut self, x: &str) -> String {
         self.node("Relu", &format!("{x}/relu"), &[x], vec![])
-    }
-
-    /// TF 'same' 3x3/2 max-pooling of a map of side `size`: a padded `MaxPool` (at the end only
-    /// for even sides, one on each side for odd ones); ONNX pads it with -inf, as TF does.
-    fn max_pool_same(&mut self, x: &str, name: &str, size: usize) -> String {
-        let total = ((size.div_ceil(2) - 1) * 2 + 3).saturating_sub(size) as i64;
-        let (begin, end) = (total / 2, total - total / 2);
-        let attrs =
-            vec![ints("kernel_shape", &[3, 3]), ints("strides", &[2, 2]), ints("pads", &[begin, begin, end, end])];
-        self.node("MaxPool", name, &[x], attrs)
     }
 
     fn gemm(&mut self, x: &str, name: &str) -> Result<String, GraphError> {
@@ -273,7 +290,7 @@ pub fn with_explicit_pads(mut model: ModelProto) -> ModelProto {
 pub fn build(
     desc: &ModelDescription,
     w: &Weights,
-    precision: Precision,
+    precision: OnnxPrecision,
     input_type: InputType,
     props: &[(String, String)],
     model_version: i64,
@@ -292,42 +309,36 @@ pub fn build(
         InputType::Float32 => INPUT_NAME.to_string(),
     };
     let mut x = b.node("Transpose", "input/nchw", &[&scaled], vec![ints("perm", &[0, 3, 1, 2])]);
-    if precision == Precision::F16 {
+    if precision == OnnxPrecision::F16 {
         x = b.node("Cast", "input/f16", &[&x], vec![int("to", DataType::Float16 as i64)]);
     }
-    let size = desc.input_size;
+    // Side of the current map: pads of 'same' windows depend on it.
+    let mut size = desc.input_size;
     for block in layers::blocks() {
-        x = match block {
-            Block::Stem => {
-                let y = b.conv_bn(&x, "block1_conv1", 2)?;
-                let y = b.relu(&y);
-                let y = b.conv_bn(&y, "block1_conv2", 1)?;
-                b.relu(&y)
-            }
-            Block::Down { index, relu_first, .. } => {
-                let residual = b.conv_bn(&x, &layers::shortcut_name(index), 2)?;
-                let y = if relu_first { b.relu(&x) } else { x.clone() };
-                let y = b.sepconv_bn(&y, &layers::sepconv_name(index, 1))?;
-                let y = b.relu(&y);
-                let y = b.sepconv_bn(&y, &layers::sepconv_name(index, 2))?;
-                let y = b.max_pool_same(&y, &format!("block{index}_pool"), layers::output_size_after(size, index - 1));
-                b.node("Add", &format!("block{index}_add"), &[&y, &residual], vec![])
-            }
-            Block::Middle { index } => {
-                let mut y = x.clone();
-                for i in 1..=3 {
-                    let r = b.relu(&y);
-                    y = b.sepconv_bn(&r, &layers::sepconv_name(index, i))?;
-                }
-                b.node("Add", &format!("block{index}_add"), &[&y, &x], vec![])
-            }
-            Block::Exit => {
-                let y = b.sepconv_bn(&x, &layers::sepconv_name(14, 1))?;
-                let y = b.relu(&y);
-                let y = b.sepconv_bn(&y, &layers::sepconv_name(14, 2))?;
-                b.relu(&y)
-            }
+        let (input, input_size) = (x.clone(), size);
+        for c in &block.convs {
+            (x, size) = b.conv_bn(&x, c, size)?;
+        }
+        for s in &block.sepconvs {
+            x = b.sepconv_bn(&x, s)?;
+        }
+        if block.pool {
+            // ONNX pads a MaxPool with -inf, as TF's 'same' pooling does.
+            let (k, stride) = layers::POOL;
+            let (pads, out) = Builder::window(Padding::Same, size, k, stride)?;
+            let mut attrs = vec![ints("kernel_shape", &[k as i64, k as i64]), ints("strides", &[stride as i64; 2])];
+            attrs.extend(pads);
+            x = b.node("MaxPool", &format!("block{}_pool", block.index), &[&x], attrs);
+            size = out;
+        }
+        let residual = match &block.residual {
+            None => None,
+            Some(Residual::Identity) => Some(input),
+            Some(Residual::Conv(c)) => Some(b.conv_bn(&input, c, input_size)?.0),
         };
+        if let Some(r) = residual {
+            x = b.node("Add", &format!("block{}_add", block.index), &[&x, &r], vec![]);
+        }
     }
     let pooled = b.node("ReduceMean", "avg_pool", &[&x], vec![ints("axes", &[2, 3]), int("keepdims", 0)]);
     let mut outputs = Vec::new();
@@ -337,7 +348,7 @@ pub fn build(
             let y = b.gemm(&pooled, DENSE)?;
             let y = b.relu(&y);
             let mut logits = b.gemm(&y, LOGITS)?;
-            if precision == Precision::F16 {
+            if precision == OnnxPrecision::F16 {
                 logits = b.node("Cast", "logits/f32", &[&logits], vec![int("to", DataType::Float as i64)]);
             }
             // Name the outputs by renaming the last nodes' outputs through Identity.
@@ -348,7 +359,7 @@ pub fn build(
             outputs.push(value_info(PROBABILITIES_NAME, DataType::Float, &[batch, c]));
         }
         None => {
-            let f = if precision == Precision::F16 {
+            let f = if precision == OnnxPrecision::F16 {
                 b.node("Cast", "features/f32", &[&pooled], vec![int("to", DataType::Float as i64)])
             } else {
                 pooled

@@ -2,8 +2,9 @@
 
 use anyhow::Context;
 use clap::Parser;
-use exporter::graph::Precision;
-use exporter::{evaluate, export, triton, ExportOptions};
+use exporter::graph::OnnxPrecision;
+use exporter::{export, triton, ExportOptions};
+use inference::evaluate::evaluate;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -16,7 +17,7 @@ struct Args {
     out: Option<PathBuf>,
     /// Weight and activation precision (f16: for the CUDA execution provider).
     #[arg(long, value_enum, default_value = "f32")]
-    precision: Precision,
+    precision: OnnxPrecision,
     /// Graph input: uint8 resized pixels (scaled in the graph), or float32 already scaled
     /// (for tools that feed only float tensors).
     #[arg(long, value_enum, default_value = "uint8")]
@@ -71,7 +72,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let a = Args::parse();
     let out = a.out.clone().unwrap_or_else(|| a.run_dir.join("model.onnx"));
-    let ort = runtime::SessionConfig { threads: a.threads, ort_lib: a.ort_lib.clone(), ..Default::default() };
+    let ort = inference::SessionConfig { threads: a.threads, ort_lib: a.ort_lib.clone(), ..Default::default() };
     let o = ExportOptions {
         run_dir: a.run_dir.clone(),
         out,
@@ -86,8 +87,8 @@ fn main() -> anyhow::Result<()> {
         max_samples: a.max_samples,
         candle_onnx: !a.no_candle_onnx,
         tolerance: a.tolerance.unwrap_or(match a.precision {
-            Precision::F32 => 1e-4,
-            Precision::F16 => 5e-2,
+            OnnxPrecision::F32 => 1e-4,
+            OnnxPrecision::F16 => 5e-2,
         }),
         ort: ort.clone(),
     };
@@ -100,13 +101,14 @@ fn main() -> anyhow::Result<()> {
         println!("verification report: {}", p.display());
     }
     if let Some(dir) = &a.eval {
-        let r = evaluate(&e.path, dir, &ort)?;
+        let mut model = inference::OnnxModel::load(&e.path, &ort)?;
+        let r = evaluate(&mut model, dir)?;
         println!("{r}");
         std::fs::write(e.path.with_extension("eval.json"), serde_json::to_string_pretty(&r)?)?;
     }
     if let Some(repo) = &a.triton {
         let desc = modelspec::ModelDescription::load(&a.run_dir).context("reading the model description")?;
-        let d = triton::write(repo, &desc, &e.path, a.triton_max_batch, a.precision == Precision::F16)?;
+        let d = triton::write(repo, &desc, &e.path, a.triton_max_batch, a.precision == OnnxPrecision::F16)?;
         println!("Triton model repository: {}", d.display());
     }
     Ok(())

@@ -8,7 +8,7 @@ use models::classifier::Classifier;
 use models::weights::ModelDir;
 use models::xception::XceptionOptions;
 use modelspec::onnx_meta::{InputType, INPUT_NAME, LOGITS_NAME};
-use modelspec::preprocess::{self, DEFAULT_MAX_PIXELS};
+use modelspec::preprocess::{self, decode_batch, image_files, Source, DEFAULT_MAX_PIXELS};
 use modelspec::ModelDescription;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -21,38 +21,34 @@ pub struct Samples {
 }
 
 impl Samples {
-    /// Reads image files (or every image of the folders given), at most `max`.
+    /// Reads image files (or every image of the folders given), at most `max`; a sample that
+    /// cannot be read is an error naming it.
     pub fn from_paths(paths: &[PathBuf], desc: &ModelDescription, max: usize) -> anyhow::Result<Self> {
         let mut files = Vec::new();
         for p in paths {
             if p.is_dir() {
-                let mut inner: Vec<PathBuf> = walk(p)?;
-                inner.sort();
-                files.extend(inner);
+                files.extend(image_files(p).with_context(|| format!("samples {}", p.display()))?);
             } else {
                 files.push(p.clone());
             }
         }
         files.truncate(max);
-        let mut s = Samples { names: Vec::new(), pixels: Vec::new() };
-        for f in files {
-            let bytes = std::fs::read(&f).with_context(|| format!("sample {}", f.display()))?;
-            let px =
-                preprocess::resized_pixels(&bytes, desc.input_size as u32, &desc.preprocessing, DEFAULT_MAX_PIXELS)
-                    .with_context(|| format!("sample {}", f.display()))?;
-            s.names.push(f.display().to_string());
-            s.pixels.push(px);
+        let sources: Vec<Source> = files.iter().map(|f| Source::File(f)).collect();
+        let batch = decode_batch(&sources, desc.input_size as u32, &desc.preprocessing, DEFAULT_MAX_PIXELS);
+        if let Some((i, e)) = batch.failed.first() {
+            anyhow::bail!("sample {}: {e}", files[*i].display());
         }
-        anyhow::ensure!(!s.pixels.is_empty(), "no sample images in {paths:?}");
-        Ok(s)
+        anyhow::ensure!(!batch.is_empty(), "no sample images in {paths:?}");
+        let pixels = (0..batch.len()).map(|i| batch.image(i).to_vec()).collect();
+        Ok(Samples { names: files.iter().map(|f| f.display().to_string()).collect(), pixels })
     }
 
     /// Up to `per_class` images of each class folder of `dir` (a labelled split).
     pub fn from_split(dir: &Path, desc: &ModelDescription, per_class: usize) -> anyhow::Result<Self> {
         let mut paths = Vec::new();
         for class in &desc.classes {
-            let mut files = walk(&dir.join(class))?;
-            files.sort();
+            let class_dir = dir.join(class);
+            let files = image_files(&class_dir).with_context(|| format!("samples {}", class_dir.display()))?;
             paths.extend(files.into_iter().take(per_class));
         }
         Self::from_paths(&paths, desc, usize::MAX)
@@ -92,19 +88,6 @@ impl Samples {
     fn batch(&self) -> Vec<u8> {
         self.pixels.concat()
     }
-}
-
-/// Image files under `dir` (one level), by extension.
-pub fn walk(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let rd = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
-    let mut out = Vec::new();
-    for e in rd {
-        let p = e?.path();
-        if p.is_file() && preprocess::is_image_path(&p) {
-            out.push(p);
-        }
-    }
-    Ok(out)
 }
 
 /// One engine's agreement with the Candle model.
@@ -149,8 +132,8 @@ fn candle_logits(dir: &ModelDir, samples: &Samples) -> anyhow::Result<(Vec<f32>,
     for chunk in samples.pixels.chunks(8) {
         let mut input = Vec::with_capacity(chunk.len() * s * s * 3);
         for px in chunk {
-            let img = image::RgbImage::from_raw(s as u32, s as u32, px.clone()).context("sample size")?;
-            input.extend(preprocess::to_input(&img, &desc.preprocessing));
+            anyhow::ensure!(px.len() == s * s * 3, "a sample of {} bytes for a {s} px model", px.len());
+            input.extend(preprocess::scale_pixels(px, &desc.preprocessing));
         }
         let x = Tensor::from_vec(input, (chunk.len(), s, s, 3), &dev)?;
         let y = model.forward_t(&x, false)?;
@@ -211,11 +194,11 @@ pub fn verify(onnx_path: &Path, samples: &Samples, dir: &ModelDir, o: &crate::Ex
 
     // ONNX Runtime, through the runtime's own loader: required.
     let ort_check = (|| -> anyhow::Result<Vec<f32>> {
-        let mut m = runtime::OnnxModel::from_bytes(&bytes, onnx_path, ort)?;
+        let mut m = inference::OnnxModel::from_bytes(&bytes, onnx_path, ort)?;
         let preds = m.run(samples.batch(), n)?;
         Ok(preds.into_iter().flat_map(|p| p.logits).collect())
     })();
-    let engine = format!("onnxruntime {} (CPU)", runtime::ortlib::ORT_VERSION);
+    let engine = format!("onnxruntime {} (CPU)", inference::ortlib::ORT_VERSION);
     engines.push(match ort_check {
         Ok(got) => compare(&engine, &want, &got, k, tol),
         Err(e) => EngineCheck::not_run(engine, false, first_line(&e)),

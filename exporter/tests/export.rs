@@ -3,34 +3,27 @@
 //! footwear model against the trainer's own test accuracy, the ONNX checker, and bad inputs.
 
 use candle_core::{Device, Tensor};
-use exporter::graph::Precision;
-use exporter::{evaluate, export, triton, ExportOptions};
+use exporter::graph::OnnxPrecision;
+use exporter::{export, triton, ExportOptions};
+use inference::{OnnxModel, SessionConfig};
 use modelspec::onnx_meta::InputType;
-use runtime::{OnnxModel, SessionConfig};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
+use testkit::{repo, weights};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+fn tmp(name: &str) -> std::path::PathBuf {
+    testkit::tmp("exporter-test", name)
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("exporter-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// Accuracy of `onnx` through ONNX Runtime on a labelled folder.
+fn evaluate(onnx: &Path, folder: &Path, ort: &SessionConfig) -> inference::evaluate::Evaluation {
+    let mut m = OnnxModel::load(onnx, ort).unwrap();
+    inference::evaluate::evaluate(&mut m, folder).unwrap()
 }
 
-fn weights(name: &str) -> PathBuf {
-    let dir = std::env::var_os("WEIGHTS_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("weights"));
-    let p = dir.join(name);
-    assert!(p.join("model.safetensors").exists(), "{} is missing: run scripts/fetch-weights.sh first", p.display());
-    p
-}
-
-/// The runtime's search finds `.local/onnxruntime` from the test binary's location too.
+/// ONNX Runtime as scripts/setup-onnxruntime.sh installs it.
 fn ort() -> SessionConfig {
-    let lib = repo().join(runtime::ortlib::INSTALL_DIR).join(runtime::ortlib::LIB_NAME);
+    let lib = inference::ortlib::installed(&repo());
     assert!(lib.exists(), "{} is missing: run scripts/setup-onnxruntime.sh first", lib.display());
     SessionConfig { threads: 2, ort_lib: Some(lib), ..Default::default() }
 }
@@ -39,7 +32,7 @@ fn options(run_dir: &Path, out: &Path) -> ExportOptions {
     ExportOptions {
         run_dir: run_dir.into(),
         out: out.into(),
-        precision: Precision::F32,
+        precision: OnnxPrecision::F32,
         input_type: InputType::Uint8,
         model_version: 1,
         verify: true,
@@ -93,7 +86,7 @@ fn kitchenware_model_from_keras_gives_tensorflow_logits_through_onnx_runtime() {
     assert_eq!((count(&rewritten, "Pad"), count(&rewritten, "MaxPool")), (4, 4));
 
     // TensorFlow's inputs are x/127.5 - 1 of uint8 pixels: exactly invertible.
-    let fx = repo().join("../shared/fixtures/kitchenware");
+    let fx = testkit::fixtures().join("kitchenware");
     let x = Tensor::read_npy(fx.join("inputs_150.npy")).unwrap();
     let want = Tensor::read_npy(fx.join("logits.npy")).unwrap();
     let n = x.dim(0).unwrap();
@@ -126,7 +119,7 @@ fn kitchenware_model_from_keras_gives_tensorflow_logits_through_onnx_runtime() {
 fn small_trained_model_exports_with_the_trainers_accuracy_and_a_triton_layout() {
     let root = tmp("trained");
     let data = root.join("data");
-    trainer::data::link_subset(&repo().join("../shared/data/footwear"), &data, 6).unwrap();
+    testkit::link_subset(&testkit::footwear(), &data, 6).unwrap();
     let mut cfg = trainer::config::TrainConfig {
         data: data.clone(),
         base: weights("xception-imagenet"),
@@ -146,12 +139,12 @@ fn small_trained_model_exports_with_the_trainers_accuracy_and_a_triton_layout() 
     let e = export(&options(&cfg.out, &out)).unwrap();
     let r = e.report.unwrap();
     assert!(r.passed, "{r}");
-    // The samples came from the run's own test split (its config.toml names the data).
+    // The samples came from the run's own test split (its model.json names the data).
     assert!(r.samples.iter().all(|s| s.contains("/test/")), "{:?}", r.samples);
     assert_eq!(r.engines.len(), 2, "ONNX Runtime and candle-onnx");
     onnx_check(&out);
 
-    let ev = evaluate(&out, &data.join("test"), &ort()).unwrap();
+    let ev = evaluate(&out, &data.join("test"), &ort());
     assert_eq!(ev.images, 18);
     assert_eq!(ev.accuracy, outcome.test.accuracy, "ONNX Runtime vs trainer test accuracy");
     assert_eq!(ev.reported_accuracy, Some(outcome.test.accuracy));
@@ -174,7 +167,7 @@ fn small_trained_model_exports_with_the_trainers_accuracy_and_a_triton_layout() 
 
     // Float16 weights: half the size, same answers within float16 rounding.
     let out16 = root.join("model16.onnx");
-    let o16 = ExportOptions { precision: Precision::F16, tolerance: 5e-2, ..options(&cfg.out, &out16) };
+    let o16 = ExportOptions { precision: OnnxPrecision::F16, tolerance: 5e-2, ..options(&cfg.out, &out16) };
     let e16 = export(&o16).unwrap();
     assert!(e16.report.as_ref().unwrap().passed, "{}", e16.report.unwrap());
     assert!(e16.bytes < e.bytes * 6 / 10, "{} vs {}", e16.bytes, e.bytes);
@@ -186,7 +179,7 @@ fn small_trained_model_exports_with_the_trainers_accuracy_and_a_triton_layout() 
     let rf = ef.report.unwrap();
     assert!(rf.passed && rf.engines.iter().all(|e| e.max_abs_diff_logits.is_some()), "{rf}");
     onnx_check(&outf);
-    let evf = evaluate(&outf, &data.join("test"), &ort()).unwrap();
+    let evf = evaluate(&outf, &data.join("test"), &ort());
     assert_eq!(evf.accuracy, ev.accuracy);
     let m = OnnxModel::load(&outf, &ort()).unwrap();
     assert!(!m.info.preprocessing.scaling_in_graph);

@@ -51,6 +51,11 @@ pub enum OrtLibError {
     CudaLib { path: PathBuf, reason: String },
 }
 
+/// The library as `scripts/setup-onnxruntime.sh` installs it in the repository `root`.
+pub fn installed(root: &Path) -> PathBuf {
+    root.join(INSTALL_DIR).join(LIB_NAME)
+}
+
 /// Where to look, in order: the flag, the environment variable, then the default installs under
 /// the working directory and under the repository the executable was built in, and beside the
 /// executable. With `cuda`, onnxruntime-gpu's install (`.local/onnxruntime-gpu/`) comes first.
@@ -68,7 +73,7 @@ pub fn candidates(flag: Option<&Path>, cuda: bool) -> Vec<PathBuf> {
         roots.push(root.to_path_buf());
     }
     let gpu = roots.iter().map(|r| r.join(GPU_INSTALL_DIR).join(WHEEL_LIB).join(LIB_NAME));
-    let cpu = roots.iter().map(|r| r.join(INSTALL_DIR).join(LIB_NAME));
+    let cpu = roots.iter().map(|r| installed(r));
     let mut c: Vec<PathBuf> = if cuda { gpu.chain(cpu).collect() } else { cpu.collect() };
     c.extend(exe_dir.map(|d| d.join(LIB_NAME)));
     c

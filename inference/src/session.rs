@@ -31,7 +31,7 @@ pub struct SessionConfig {
 
 /// Why a model cannot be loaded or run.
 #[derive(Debug, thiserror::Error)]
-pub enum ModelError {
+pub enum SessionError {
     #[error(transparent)]
     OrtLib(#[from] OrtLibError),
     #[error("{path}: {source}")]
@@ -57,46 +57,71 @@ pub struct Prediction {
     pub probabilities: Vec<f32>,
 }
 
+impl Prediction {
+    /// The most probable class (the first of equals), `None` without classes.
+    pub fn top_class(&self) -> Option<usize> {
+        self.probabilities.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map(|(i, _)| i)
+    }
+}
+
+/// The ONNX Runtime execution provider a session runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ExecutionProvider {
+    #[serde(rename = "CPU")]
+    Cpu,
+    #[serde(rename = "CUDA")]
+    Cuda,
+}
+
+impl std::fmt::Display for ExecutionProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ExecutionProvider::Cpu => "CPU",
+            ExecutionProvider::Cuda => "CUDA",
+        })
+    }
+}
+
 /// A model ready to run.
 pub struct OnnxModel {
     session: Session,
     pub info: OnnxInfo,
     pub path: PathBuf,
-    /// The execution provider the session runs on (`CUDA` or `CPU`).
-    pub provider: &'static str,
+    /// The execution provider the session runs on.
+    pub provider: ExecutionProvider,
 }
 
 impl OnnxModel {
     /// Loads `path` (an `.onnx` file written by the exporter).
-    pub fn load(path: &Path, cfg: &SessionConfig) -> Result<Self, ModelError> {
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Read { path: path.into(), source })?;
+    pub fn load(path: &Path, cfg: &SessionConfig) -> Result<Self, SessionError> {
+        let bytes = std::fs::read(path).map_err(|source| SessionError::Read { path: path.into(), source })?;
         Self::from_bytes(&bytes, path, cfg)
     }
 
     /// Loads a model from memory; `path` only names it in errors.
-    pub fn from_bytes(bytes: &[u8], path: &Path, cfg: &SessionConfig) -> Result<Self, ModelError> {
+    pub fn from_bytes(bytes: &[u8], path: &Path, cfg: &SessionConfig) -> Result<Self, SessionError> {
         let lib = ortlib::init(cfg.ort_lib.as_deref(), cfg.cuda)?;
         let env = ortlib::environment().expect("initialised above");
-        let session_err = |reason: String| ModelError::Session { path: path.into(), reason };
+        let session_err = |reason: String| SessionError::Session { path: path.into(), reason };
         let mut builder = Session::builder(env).map_err(|e| session_err(e.to_string()))?;
         if cfg.threads > 0 {
             builder = builder.with_intra_threads(cfg.threads).map_err(|e| session_err(e.to_string()))?;
         }
-        let mut provider = "CPU";
+        let mut provider = ExecutionProvider::Cpu;
         if cfg.cuda {
             match ortlib::preload_cuda_libraries(&lib) {
                 Ok(libs) if !libs.is_empty() => {
                     tracing::debug!("CUDA libraries loaded from {}", libs[0].parent().unwrap_or(&lib).display())
                 }
                 Ok(_) => {}
-                Err(e) if cfg.require_cuda => return Err(ModelError::Cuda(e.to_string())),
+                Err(e) if cfg.require_cuda => return Err(SessionError::Cuda(e.to_string())),
                 Err(e) => tracing::warn!("{e}"),
             }
             let ep = ort::ep::CUDA::default().build().error_on_failure();
             match ep.register(&mut builder) {
-                Ok(()) => provider = "CUDA",
+                Ok(()) => provider = ExecutionProvider::Cuda,
                 Err(e) if cfg.require_cuda => {
-                    return Err(ModelError::Cuda(format!(
+                    return Err(SessionError::Cuda(format!(
                         "{e} (is onnxruntime-gpu's library loaded, and a GPU present?)"
                     )))
                 }
@@ -117,9 +142,9 @@ impl OnnxModel {
             Ok(s) => s,
             // The provider registered, but CUDA itself failed when the session started (no GPU,
             // a driver too old for the CUDA runtime, out of memory): the CPU, unless told not to.
-            Err(e) if provider == "CUDA" && e.to_string().contains("CUDA") => {
+            Err(e) if provider == ExecutionProvider::Cuda && e.to_string().contains("CUDA") => {
                 if cfg.require_cuda {
-                    return Err(ModelError::Cuda(format!("the CUDA execution provider failed to start: {e}")));
+                    return Err(SessionError::Cuda(format!("the CUDA execution provider failed to start: {e}")));
                 }
                 tracing::warn!("the CUDA execution provider failed to start, running on the CPU: {e}");
                 return Self::from_bytes(bytes, path, &SessionConfig { cuda: false, ..cfg.clone() });
@@ -128,7 +153,7 @@ impl OnnxModel {
         };
         let meta = session.metadata().map_err(|e| session_err(e.to_string()))?;
         let info =
-            onnx_meta::parse(|k| meta.custom(k)).map_err(|source| ModelError::Meta { path: path.into(), source })?;
+            onnx_meta::parse(|k| meta.custom(k)).map_err(|source| SessionError::Meta { path: path.into(), source })?;
         drop(meta);
         let model = Self { session, info, path: path.into(), provider };
         model.check_graph()?;
@@ -137,8 +162,8 @@ impl OnnxModel {
 
     /// The graph must take [N, size, size, 3] of the metadata's input type and give the outputs
     /// the metadata promises.
-    fn check_graph(&self) -> Result<(), ModelError> {
-        let bad = |reason: String| Err(ModelError::Graph { path: self.path.clone(), reason });
+    fn check_graph(&self) -> Result<(), SessionError> {
+        let bad = |reason: String| Err(SessionError::Graph { path: self.path.clone(), reason });
         let size = self.info.description.input_size as i64;
         let Some(input) = self.session.inputs().first() else { return bad("the graph has no input".into()) };
         let want = match self.info.input_type {
@@ -152,7 +177,7 @@ impl OnnxModel {
                 return bad(format!(
                     "input `{}` is {other:?}; expected {} [N, {size}, {size}, 3] as the metadata says",
                     input.name(),
-                    self.info.input_type.name()
+                    self.info.input_type.as_str()
                 ))
             }
         }
@@ -176,10 +201,10 @@ impl OnnxModel {
     }
 
     /// Runs `n` images, each `size * size * 3` RGB bytes (resized, not scaled), one batch.
-    pub fn run(&mut self, pixels: Vec<u8>, n: usize) -> Result<Vec<Prediction>, ModelError> {
+    pub fn run(&mut self, pixels: Vec<u8>, n: usize) -> Result<Vec<Prediction>, SessionError> {
         let s = self.input_size();
         if n == 0 || pixels.len() != n * s * s * 3 {
-            return Err(ModelError::Input(format!(
+            return Err(SessionError::Input(format!(
                 "{} bytes for {n} images of {s}x{s}x3 (expected {})",
                 pixels.len(),
                 n * s * s * 3
@@ -188,18 +213,17 @@ impl OnnxModel {
         let input: ort::value::DynValue = match self.info.input_type {
             InputType::Uint8 => Tensor::from_array(([n, s, s, 3], pixels.into_boxed_slice())).map(|t| t.into_dyn()),
             InputType::Float32 => {
-                let p = &self.info.preprocessing.steps;
-                let x: Vec<f32> = pixels.iter().map(|&v| v as f32 * p.scale + p.offset).collect();
+                let x = modelspec::preprocess::scale_pixels(&pixels, &self.info.preprocessing.steps);
                 Tensor::from_array(([n, s, s, 3], x.into_boxed_slice())).map(|t| t.into_dyn())
             }
         }
-        .map_err(|e| ModelError::Input(e.to_string()))?;
+        .map_err(|e| SessionError::Input(e.to_string()))?;
         let input_name = self.session.inputs()[0].name().to_string();
         let outputs =
-            self.session.run(ort::inputs![input_name => input]).map_err(|e| ModelError::Run(e.to_string()))?;
-        let get = |name: &str| -> Result<Vec<f32>, ModelError> {
-            let v = outputs.get(name).ok_or_else(|| ModelError::Run(format!("no output `{name}`")))?;
-            let (_, data) = v.try_extract_tensor::<f32>().map_err(|e| ModelError::Run(format!("{name}: {e}")))?;
+            self.session.run(ort::inputs![input_name => input]).map_err(|e| SessionError::Run(e.to_string()))?;
+        let get = |name: &str| -> Result<Vec<f32>, SessionError> {
+            let v = outputs.get(name).ok_or_else(|| SessionError::Run(format!("no output `{name}`")))?;
+            let (_, data) = v.try_extract_tensor::<f32>().map_err(|e| SessionError::Run(format!("{name}: {e}")))?;
             Ok(data.to_vec())
         };
         let (logits, probs) = (get(LOGITS_NAME)?, get(PROBABILITIES_NAME)?);

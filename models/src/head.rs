@@ -29,11 +29,6 @@ impl ClassifierHead {
 }
 
 impl ClassifierHead {
-    /// The dropout rate.
-    pub fn dropout(&self) -> f32 {
-        self.dropout
-    }
-
     /// Training forward pass with an explicit dropout mask [N, inner] (0 or 1/(1-p) per unit),
     /// so that a seeded trainer is reproducible (Candle's own dropout draws from an unseeded RNG).
     pub fn forward_masked(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {

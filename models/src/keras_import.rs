@@ -310,13 +310,14 @@ fn build(h5: &hdf5_pure::File, label: &Path, found: Found, path: &Path, opts: &I
     let description = ModelDescription {
         format: FORMAT_VERSION,
         name: opts.name.clone(),
-        architecture: "xception".into(),
+        architecture: modelspec::Architecture::Xception,
         input_size: opts.input_size,
-        layout: "NHWC".into(),
+        layout: modelspec::Layout::Nhwc,
         preprocessing: Preprocessing::default(),
         head,
         classes,
         source: format!("Keras import of {file_name}"),
+        dataset: None,
         metrics: None,
     };
     description.validate(&PathBuf::from(path))?;

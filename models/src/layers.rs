@@ -5,6 +5,7 @@
 //! walks the blocks again. Each weight layer says how its Keras variables map onto the tensors
 //! of our safetensors files ([`WeightLayer::tensors`]).
 
+pub use crate::ops::Padding;
 use serde::{Deserialize, Serialize};
 
 /// Batch-norm epsilon of every Xception batch-norm layer (Keras' Xception sets 1e-3).
@@ -16,42 +17,160 @@ pub const MIN_INPUT_SIZE: usize = 71;
 /// Number of blocks (1: stem, 2-4: entry flow, 5-12: middle flow, 13-14: exit flow).
 pub const NUM_BLOCKS: usize = 14;
 
-/// One block of Xception.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Block {
-    /// Block 1: two dense 3x3 convolutions (32 channels stride 2, 64 channels), 'valid' padding.
-    Stem,
-    /// Blocks 2, 3, 4, 13: (relu), sepconv(f1), relu, sepconv(f2), 3x3/2 max-pool, plus a strided
-    /// 1x1 convolution shortcut.
-    Down { index: usize, cin: usize, f1: usize, f2: usize, relu_first: bool },
-    /// Blocks 5-12: three (relu, sepconv(728)) and an identity shortcut.
-    Middle { index: usize },
-    /// Block 14: sepconv(1536), relu, sepconv(2048), relu.
-    Exit,
+/// Where a convolution's ReLU sits. Keras names the activation layer after the convolution it
+/// belongs to (`block3_sepconv1_act` comes before `block3_sepconv1`, `block14_sepconv1_act`
+/// after it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relu {
+    None,
+    /// On the convolution's input.
+    Before,
+    /// On the output of its batch-norm.
+    After,
 }
 
+/// A dense convolution (Keras `Conv2D`, no bias) followed by batch-norm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvSpec {
+    /// Our name (the prefix of its tensors; its batch-norm is `{name}_bn`).
+    pub name: String,
+    /// The names `keras.applications.Xception` gives the convolution and its batch-norm in a
+    /// fresh Keras session (the shortcut convolutions are unnamed: `conv2d`, `conv2d_1`, ...).
+    pub keras_name: String,
+    pub keras_bn_name: String,
+    pub kernel: usize,
+    pub cin: usize,
+    pub cout: usize,
+    pub stride: usize,
+    pub padding: Padding,
+    pub relu: Relu,
+}
+
+/// A separable convolution (Keras `SeparableConv2D`: 3x3 depthwise, 'same', stride 1, then
+/// pointwise; no bias) followed by batch-norm `{name}_bn`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SepConvSpec {
+    pub name: String,
+    pub cin: usize,
+    pub cout: usize,
+    pub relu: Relu,
+}
+
+/// What a block adds to its output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Residual {
+    /// Its input, unchanged (the middle flow).
+    Identity,
+    /// Its input through a strided 1x1 convolution + batch-norm (the down-sampling blocks).
+    Conv(ConvSpec),
+}
+
+/// One block of Xception: dense convolutions, then separable ones, then an optional 3x3/2
+/// 'same' max-pool, plus an optional residual branch added at the end. Every layer walks this:
+/// the Candle forward pass, the Keras importer and the ONNX graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    /// 1-based, as in the Keras layer names (`block{index}_...`).
+    pub index: usize,
+    pub convs: Vec<ConvSpec>,
+    pub sepconvs: Vec<SepConvSpec>,
+    /// A 3x3, stride-2 'same' max-pool after the separable convolutions (`block{index}_pool`).
+    pub pool: bool,
+    /// Added after everything else (`block{index}_add`).
+    pub residual: Option<Residual>,
+}
+
+/// The 3x3 window and stride of the blocks' max-pooling.
+pub const POOL: (usize, usize) = (3, 2);
+
 impl Block {
-    /// The block's 1-based number, as in its Keras layer names.
-    pub fn index(&self) -> usize {
-        match self {
-            Block::Stem => 1,
-            Block::Down { index, .. } | Block::Middle { index } => *index,
-            Block::Exit => 14,
+    /// Side of the block's output for an input of side `size`.
+    pub fn output_size(&self, size: usize) -> usize {
+        let mut s = size;
+        for c in &self.convs {
+            s = c.padding.output_size(s, c.kernel, c.stride);
         }
+        if self.pool {
+            s = Padding::Same.output_size(s, POOL.0, POOL.1);
+        }
+        s
     }
 }
 
-/// The 14 blocks of Xception, in order.
+/// The 14 blocks of Xception, in order: the stem (two dense convolutions), the entry flow
+/// (blocks 2-4, down-sampling), the middle flow (blocks 5-12, 728 channels, identity residuals)
+/// and the exit flow (block 13 down-sampling, block 14 widening to 2048 channels).
 pub fn blocks() -> Vec<Block> {
+    let sep = |block: usize, i: usize, cin: usize, cout: usize, relu: Relu| SepConvSpec {
+        name: format!("block{block}_sepconv{i}"),
+        cin,
+        cout,
+        relu,
+    };
+    let mut shortcuts = 0;
+    // Keras' down-sampling block: (relu), sepconv, relu, sepconv, pool, + strided 1x1 conv.
+    let mut down = |index: usize, cin: usize, f1: usize, f2: usize, relu_first: bool| {
+        let k = if shortcuts == 0 { String::new() } else { format!("_{shortcuts}") };
+        shortcuts += 1;
+        Block {
+            index,
+            convs: vec![],
+            sepconvs: vec![
+                sep(index, 1, cin, f1, if relu_first { Relu::Before } else { Relu::None }),
+                sep(index, 2, f1, f2, Relu::Before),
+            ],
+            pool: true,
+            residual: Some(Residual::Conv(ConvSpec {
+                name: format!("block{index}_shortcut"),
+                keras_name: format!("conv2d{k}"),
+                keras_bn_name: format!("batch_normalization{k}"),
+                kernel: 1,
+                cin,
+                cout: f2,
+                stride: 2,
+                padding: Padding::Same,
+                relu: Relu::None,
+            })),
+        }
+    };
+    let stem_conv = |i: usize, cin: usize, cout: usize, stride: usize| ConvSpec {
+        name: format!("block1_conv{i}"),
+        keras_name: format!("block1_conv{i}"),
+        keras_bn_name: format!("block1_conv{i}_bn"),
+        kernel: 3,
+        cin,
+        cout,
+        stride,
+        padding: Padding::Valid,
+        relu: Relu::After,
+    };
     let mut b = vec![
-        Block::Stem,
-        Block::Down { index: 2, cin: 64, f1: 128, f2: 128, relu_first: false },
-        Block::Down { index: 3, cin: 128, f1: 256, f2: 256, relu_first: true },
-        Block::Down { index: 4, cin: 256, f1: 728, f2: 728, relu_first: true },
+        Block {
+            index: 1,
+            convs: vec![stem_conv(1, 3, 32, 2), stem_conv(2, 32, 64, 1)],
+            sepconvs: vec![],
+            pool: false,
+            residual: None,
+        },
+        down(2, 64, 128, 128, false),
+        down(3, 128, 256, 256, true),
+        down(4, 256, 728, 728, true),
     ];
-    b.extend((5..=12).map(|index| Block::Middle { index }));
-    b.push(Block::Down { index: 13, cin: 728, f1: 728, f2: 1024, relu_first: true });
-    b.push(Block::Exit);
+    b.extend((5..=12).map(|index| Block {
+        index,
+        convs: vec![],
+        sepconvs: (1..=3).map(|i| sep(index, i, 728, 728, Relu::Before)).collect(),
+        pool: false,
+        residual: Some(Residual::Identity),
+    }));
+    b.push(down(13, 728, 728, 1024, true));
+    b.push(Block {
+        index: 14,
+        convs: vec![],
+        sepconvs: vec![sep(14, 1, 1024, 1536, Relu::After), sep(14, 2, 1536, FEATURES, Relu::After)],
+        pool: false,
+        residual: None,
+    });
     b
 }
 
@@ -168,54 +287,25 @@ impl WeightLayer {
     }
 }
 
-/// Names used for the sub-layers of a block (shared by the forward pass and the exporter).
-pub fn sepconv_name(block: usize, i: usize) -> String {
-    format!("block{block}_sepconv{i}")
-}
-
-/// Our name of block `block`'s shortcut convolution.
-pub fn shortcut_name(block: usize) -> String {
-    format!("block{block}_shortcut")
-}
-
-/// The layers of the Xception base that hold weights, in Keras' layer order.
+/// The layers of the Xception base that hold weights, in Keras' layer order (per block: the
+/// dense convolutions, the separable ones, then the residual convolution).
 pub fn weight_layers() -> Vec<WeightLayer> {
     let mut out = Vec::new();
-    let mut shortcuts = 0;
-    let suffix = |i: usize| if i == 0 { String::new() } else { format!("_{i}") };
+    let conv = |out: &mut Vec<WeightLayer>, c: &ConvSpec| {
+        out.push(WeightLayer::conv(&c.name, &c.keras_name, c.kernel, c.cin, c.cout));
+        out.push(WeightLayer::bn(&format!("{}_bn", c.name), &c.keras_bn_name, c.cout));
+    };
     for block in blocks() {
-        match block {
-            Block::Stem => {
-                out.push(WeightLayer::conv("block1_conv1", "block1_conv1", 3, 3, 32));
-                out.push(WeightLayer::bn("block1_conv1_bn", "block1_conv1_bn", 32));
-                out.push(WeightLayer::conv("block1_conv2", "block1_conv2", 3, 32, 64));
-                out.push(WeightLayer::bn("block1_conv2_bn", "block1_conv2_bn", 64));
-            }
-            Block::Down { index, cin, f1, f2, .. } => {
-                for (i, (a, b)) in [(cin, f1), (f1, f2)].into_iter().enumerate() {
-                    let n = sepconv_name(index, i + 1);
-                    out.push(WeightLayer::sepconv(&n, a, b));
-                    out.push(WeightLayer::bn(&format!("{n}_bn"), &format!("{n}_bn"), b));
-                }
-                let (n, k) = (shortcut_name(index), suffix(shortcuts));
-                out.push(WeightLayer::conv(&n, &format!("conv2d{k}"), 1, cin, f2));
-                out.push(WeightLayer::bn(&format!("{n}_bn"), &format!("batch_normalization{k}"), f2));
-                shortcuts += 1;
-            }
-            Block::Middle { index } => {
-                for i in 1..=3 {
-                    let n = sepconv_name(index, i);
-                    out.push(WeightLayer::sepconv(&n, 728, 728));
-                    out.push(WeightLayer::bn(&format!("{n}_bn"), &format!("{n}_bn"), 728));
-                }
-            }
-            Block::Exit => {
-                for (i, (a, b)) in [(1024, 1536), (1536, 2048)].into_iter().enumerate() {
-                    let n = sepconv_name(14, i + 1);
-                    out.push(WeightLayer::sepconv(&n, a, b));
-                    out.push(WeightLayer::bn(&format!("{n}_bn"), &format!("{n}_bn"), b));
-                }
-            }
+        for c in &block.convs {
+            conv(&mut out, c);
+        }
+        for s in &block.sepconvs {
+            out.push(WeightLayer::sepconv(&s.name, s.cin, s.cout));
+            let bn = format!("{}_bn", s.name);
+            out.push(WeightLayer::bn(&bn, &bn, s.cout));
+        }
+        if let Some(Residual::Conv(c)) = &block.residual {
+            conv(&mut out, c);
         }
     }
     out
@@ -233,45 +323,12 @@ pub fn output_size(size: usize) -> usize {
 
 /// Spatial size of the output of block `block` (1-based) for a square input of `size` pixels.
 pub fn output_size_after(size: usize, block: usize) -> usize {
-    // Stem: two 'valid' 3x3 convolutions, the first of stride 2; blocks 2, 3, 4 and 13 pool with
-    // stride 2 and 'same' padding.
-    let mut s = (size - 3) / 2 + 1 - 2;
-    for b in blocks().iter().take(block).skip(1) {
-        if matches!(b, Block::Down { .. }) {
-            s = s.div_ceil(2);
-        }
-    }
-    s
+    blocks().iter().take(block).fold(size, |s, b| b.output_size(s))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(Deserialize)]
-    struct KerasLayer {
-        name: String,
-        class: String,
-        weights: Vec<Vec<usize>>,
-    }
-
-    /// The weight layers agree with `keras_layers.json`, written by TensorFlow/Keras from
-    /// `keras.applications.Xception(include_top=False)` (../shared/fixtures/xception).
-    #[test]
-    fn weight_layers_match_keras() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/xception/keras_layers.json");
-        let text = std::fs::read_to_string(path).expect("read keras_layers.json");
-        let keras: Vec<KerasLayer> = serde_json::from_str(&text).unwrap();
-        let keras: Vec<_> = keras.into_iter().filter(|l| !l.weights.is_empty()).collect();
-        let ours = weight_layers();
-        assert_eq!(ours.len(), keras.len());
-        for (o, k) in ours.iter().zip(&keras) {
-            assert_eq!((o.keras_name.as_str(), o.class.name()), (k.name.as_str(), k.class.as_str()));
-            assert_eq!(o.keras_shapes, k.weights, "{}", o.name);
-        }
-        let params: usize = ours.iter().flat_map(|l| &l.keras_shapes).map(|s| s.iter().product::<usize>()).sum();
-        assert_eq!(params, 20_861_480);
-    }
 
     #[test]
     fn output_sizes() {

@@ -8,7 +8,7 @@
 //! NHWC; depthwise convolutions and pooling use the kernels of [`crate::ops`] (fast CPU kernels
 //! for f32 on the CPU, Candle's own ops on a GPU or in bf16: [`crate::ops::portable`]).
 
-use crate::layers::{self, Block, BN_EPSILON};
+use crate::layers::{self, Block, ConvSpec, Relu, Residual, SepConvSpec, BN_EPSILON};
 use crate::ops::{
     depthwise::depthwise_conv2d_opt, fused::scale_columns, im2col::im2col, linear::linear, maxpool::max_pool2d, Padding,
 };
@@ -122,32 +122,26 @@ impl FoldedAffine {
 #[derive(Debug, Clone)]
 struct ConvBn {
     affine: FoldedAffine,
-    k: usize,
-    cin: usize,
-    stride: usize,
-    padding: Padding,
+    spec: ConvSpec,
+    /// Name of the output this layer reports to a tap (Keras' layer name).
+    tap: String,
 }
 
 impl ConvBn {
-    fn new(
-        vb: &VarBuilder,
-        name: &str,
-        k: usize,
-        (cin, cout): (usize, usize),
-        stride: usize,
-        padding: Padding,
-        mode: Mode,
-    ) -> Result<Self> {
-        let w = vb.pp(name).get((k, k, cin, cout), "kernel")?.reshape((k * k * cin, cout))?;
-        let bn = BatchNorm::new(vb.pp(format!("{name}_bn")), cout)?;
-        Ok(Self { affine: FoldedAffine::new(w, bn, mode)?, k, cin, stride, padding })
+    fn new(vb: &VarBuilder, spec: &ConvSpec, mode: Mode) -> Result<Self> {
+        let (k, cin, cout) = (spec.kernel, spec.cin, spec.cout);
+        let w = vb.pp(&spec.name).get((k, k, cin, cout), "kernel")?.reshape((k * k * cin, cout))?;
+        let bn = BatchNorm::new(vb.pp(format!("{}_bn", spec.name)), cout)?;
+        Ok(Self { affine: FoldedAffine::new(w, bn, mode)?, spec: spec.clone(), tap: tap_name(&spec.name, spec.relu) })
     }
 
-    fn forward(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        let p = im2col(x, self.k, self.k, self.stride, self.padding)?;
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let s = &self.spec;
+        let x = if s.relu == Relu::Before { x.relu()? } else { x.clone() };
+        let p = im2col(&x, s.kernel, s.kernel, s.stride, s.padding)?;
         let (n, h, w, kc) = p.dims4()?;
-        debug_assert_eq!(kc, self.k * self.k * self.cin);
-        let y = self.affine.forward(&p.reshape((n * h * w, kc))?, relu)?;
+        debug_assert_eq!(kc, s.kernel * s.kernel * s.cin);
+        let y = self.affine.forward(&p.reshape((n * h * w, kc))?, s.relu == Relu::After)?;
         y.reshape((n, h, w, y.dim(1)?))
     }
 }
@@ -158,99 +152,105 @@ struct SepConvBn {
     depthwise: Tensor,
     pointwise: FoldedAffine,
     dtype: DType,
+    relu: Relu,
+    tap: String,
 }
 
 impl SepConvBn {
-    fn new(vb: &VarBuilder, name: &str, cin: usize, cout: usize, mode: Mode) -> Result<Self> {
-        let v = vb.pp(name);
-        let depthwise = v.get((3, 3, cin), "depthwise")?;
-        let pw = v.get((cin, cout), "pointwise")?;
-        let bn = BatchNorm::new(vb.pp(format!("{name}_bn")), cout)?;
+    fn new(vb: &VarBuilder, spec: &SepConvSpec, mode: Mode) -> Result<Self> {
+        let v = vb.pp(&spec.name);
+        let depthwise = v.get((3, 3, spec.cin), "depthwise")?;
+        let pw = v.get((spec.cin, spec.cout), "pointwise")?;
+        let bn = BatchNorm::new(vb.pp(format!("{}_bn", spec.name)), spec.cout)?;
         let depthwise = if mode.trainable { depthwise } else { cast(&depthwise, mode.dtype)?.detach() };
-        Ok(Self { depthwise, pointwise: FoldedAffine::new(pw, bn, mode)?, dtype: mode.dtype })
+        Ok(Self {
+            depthwise,
+            pointwise: FoldedAffine::new(pw, bn, mode)?,
+            dtype: mode.dtype,
+            relu: spec.relu,
+            tap: tap_name(&spec.name, spec.relu),
+        })
     }
 
-    /// `relu_in`: relu on the input (fused into the depthwise kernel); `relu_out` on the output.
-    fn forward(&self, x: &Tensor, relu_in: bool, relu_out: bool) -> Result<Tensor> {
-        let d = depthwise_conv2d_opt(x, &cast(&self.depthwise, self.dtype)?, Padding::Same, relu_in)?;
+    /// The ReLU before is fused into the depthwise kernel, the one after into the pointwise
+    /// product.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let d = depthwise_conv2d_opt(x, &cast(&self.depthwise, self.dtype)?, Padding::Same, self.relu == Relu::Before)?;
         let (n, h, w, c) = d.dims4()?;
-        let y = self.pointwise.forward(&d.reshape((n * h * w, c))?, relu_out)?;
+        let y = self.pointwise.forward(&d.reshape((n * h * w, c))?, self.relu == Relu::After)?;
         y.reshape((n, h, w, y.dim(1)?))
+    }
+}
+
+/// The Keras layer whose output a convolution's output equals: its activation when the ReLU
+/// comes after it, else its batch-norm.
+fn tap_name(name: &str, relu: Relu) -> String {
+    if relu == Relu::After {
+        format!("{name}_act")
+    } else {
+        format!("{name}_bn")
     }
 }
 
 /// Receives named intermediate outputs (Keras layer names) during a forward pass.
 pub type Taps<'a> = &'a mut dyn FnMut(&str, &Tensor);
 
+/// A block's residual branch with its weights.
 #[derive(Debug, Clone)]
-enum BlockImpl {
-    Stem { conv1: ConvBn, conv2: ConvBn },
-    Down { index: usize, relu_first: bool, sep1: SepConvBn, sep2: SepConvBn, shortcut: ConvBn },
-    Middle { index: usize, seps: [SepConvBn; 3] },
-    Exit { sep1: SepConvBn, sep2: SepConvBn },
+enum ResidualImpl {
+    Identity,
+    Conv(ConvBn),
+}
+
+/// A block of [`layers::blocks`] with its weights.
+#[derive(Debug, Clone)]
+struct BlockImpl {
+    index: usize,
+    convs: Vec<ConvBn>,
+    sepconvs: Vec<SepConvBn>,
+    pool: bool,
+    residual: Option<ResidualImpl>,
 }
 
 impl BlockImpl {
     fn new(spec: &Block, vb: &VarBuilder, mode: Mode) -> Result<Self> {
-        let sep = |i, cin, cout| SepConvBn::new(vb, &layers::sepconv_name(spec.index(), i), cin, cout, mode);
-        Ok(match *spec {
-            Block::Stem => BlockImpl::Stem {
-                conv1: ConvBn::new(vb, "block1_conv1", 3, (3, 32), 2, Padding::Valid, mode)?,
-                conv2: ConvBn::new(vb, "block1_conv2", 3, (32, 64), 1, Padding::Valid, mode)?,
+        Ok(Self {
+            index: spec.index,
+            convs: spec.convs.iter().map(|c| ConvBn::new(vb, c, mode)).collect::<Result<_>>()?,
+            sepconvs: spec.sepconvs.iter().map(|s| SepConvBn::new(vb, s, mode)).collect::<Result<_>>()?,
+            pool: spec.pool,
+            residual: match &spec.residual {
+                None => None,
+                Some(Residual::Identity) => Some(ResidualImpl::Identity),
+                Some(Residual::Conv(c)) => Some(ResidualImpl::Conv(ConvBn::new(vb, c, mode)?)),
             },
-            Block::Down { index, cin, f1, f2, relu_first } => BlockImpl::Down {
-                index,
-                relu_first,
-                sep1: sep(1, cin, f1)?,
-                sep2: sep(2, f1, f2)?,
-                shortcut: ConvBn::new(vb, &layers::shortcut_name(index), 1, (cin, f2), 2, Padding::Same, mode)?,
-            },
-            Block::Middle { index } => {
-                BlockImpl::Middle { index, seps: [sep(1, 728, 728)?, sep(2, 728, 728)?, sep(3, 728, 728)?] }
-            }
-            Block::Exit => BlockImpl::Exit { sep1: sep(1, 1024, 1536)?, sep2: sep(2, 1536, 2048)? },
         })
     }
 
     fn forward(&self, x: &Tensor, tap: Taps) -> Result<Tensor> {
-        match self {
-            BlockImpl::Stem { conv1, conv2 } => {
-                let x = conv1.forward(x, true)?;
-                tap("block1_conv1_act", &x);
-                let x = conv2.forward(&x, true)?;
-                tap("block1_conv2_act", &x);
-                Ok(x)
-            }
-            BlockImpl::Down { index, relu_first, sep1, sep2, shortcut } => {
-                let residual = shortcut.forward(x, false)?;
-                let y = sep1.forward(x, *relu_first, false)?;
-                tap(&format!("block{index}_sepconv1_bn"), &y);
-                let y = sep2.forward(&y, true, false)?;
-                tap(&format!("block{index}_sepconv2_bn"), &y);
-                let y = max_pool2d(&y, 3, 2, Padding::Same)?;
-                tap(&format!("block{index}_pool"), &y);
-                let y = (y + residual)?;
-                tap(&format!("block{index}_add"), &y);
-                Ok(y)
-            }
-            BlockImpl::Middle { index, seps } => {
-                let mut y = x.clone();
-                for (i, s) in seps.iter().enumerate() {
-                    y = s.forward(&y, true, false)?;
-                    tap(&format!("block{index}_sepconv{}_bn", i + 1), &y);
-                }
-                let y = (y + x)?;
-                tap(&format!("block{index}_add"), &y);
-                Ok(y)
-            }
-            BlockImpl::Exit { sep1, sep2 } => {
-                let y = sep1.forward(x, false, true)?;
-                tap("block14_sepconv1_act", &y);
-                let y = sep2.forward(&y, false, true)?;
-                tap("block14_sepconv2_act", &y);
-                Ok(y)
-            }
+        let residual = match &self.residual {
+            None => None,
+            Some(ResidualImpl::Identity) => Some(x.clone()),
+            Some(ResidualImpl::Conv(conv)) => Some(conv.forward(x)?),
+        };
+        let mut y = x.clone();
+        for c in &self.convs {
+            y = c.forward(&y)?;
+            tap(&c.tap, &y);
         }
+        for s in &self.sepconvs {
+            y = s.forward(&y)?;
+            tap(&s.tap, &y);
+        }
+        if self.pool {
+            y = max_pool2d(&y, layers::POOL.0, layers::POOL.1, Padding::Same)?;
+            tap(&format!("block{}_pool", self.index), &y);
+        }
+        if let Some(r) = residual {
+            y = (y + r)?;
+            tap(&format!("block{}_add", self.index), &y);
+        }
+        Ok(y)
     }
 }
 
@@ -270,7 +270,7 @@ impl Xception {
                 BlockImpl::new(
                     b,
                     &vb,
-                    Mode { trainable: opts.trainable_from.is_some_and(|t| b.index() >= t), dtype: opts.compute_dtype },
+                    Mode { trainable: opts.trainable_from.is_some_and(|t| b.index >= t), dtype: opts.compute_dtype },
                 )
             })
             .collect::<Result<_>>()?;

@@ -2,16 +2,14 @@
 //! and mismatched files. Every failure must be an error naming the file (and the tensor), never
 //! a panic.
 
-mod common;
-
 use candle_core::{Device, Tensor};
-use common::{max_abs_diff, repo, weights};
 use hdf5_pure::{AttrValue, FileBuilder};
 use models::keras_import::{import, ImportOptions};
 use models::layers::{self, KerasClass, Transform};
 use models::weights::{write_model_dir, ModelDir};
 use models::Classifier;
 use std::path::{Path, PathBuf};
+use testkit::{max_abs_diff, repo, weights};
 
 fn opts(base_only: bool) -> ImportOptions {
     ImportOptions { name: "t".into(), input_size: 150, classes: None, base_only }

@@ -3,14 +3,12 @@
 //! 0.0.4, see its README). Tolerances: 1e-4 absolute on activations and features, 1e-3 on
 //! logits.
 
-mod common;
-
 use candle_core::{DType, Device, ModuleT, Tensor};
-use common::{fixtures, max_abs_diff, weights};
 use models::weights::ModelDir;
 use models::xception::{global_avg_pool, XceptionOptions};
 use models::Classifier;
 use std::collections::HashMap;
+use testkit::{fixtures, max_abs_diff, weights};
 
 fn npy(rel: &str) -> Tensor {
     Tensor::read_npy(fixtures().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))

@@ -18,13 +18,86 @@ pub const DESCRIPTION_FILE: &str = "model.json";
 /// File name of the weights inside a model directory.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 
+/// A unit enum stored as a fixed string in JSON, TOML and ONNX metadata: serde, `as_str`,
+/// `Display` and `FromStr` all use the same names, so an unknown value is an error that lists
+/// the accepted ones instead of a silent default.
+macro_rules! string_enum {
+    ($(#[$m:meta])* pub enum $name:ident { $($(#[$vm:meta])* $variant:ident = $s:literal,)+ }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vm])* #[serde(rename = $s)] $variant,)+
+        }
+
+        impl $name {
+            /// Every accepted name, in declaration order.
+            pub const NAMES: &'static [&'static str] = &[$($s),+];
+
+            /// The name stored in files.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $s,)+ }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($s => Ok($name::$variant),)+
+                    other => Err(format!("`{other}` is not one of {:?}", Self::NAMES)),
+                }
+            }
+        }
+    };
+}
+pub(crate) use string_enum;
+
+string_enum! {
+    /// The base networks a description can name.
+    pub enum Architecture {
+        /// `keras.applications.Xception` (models::layers).
+        Xception = "xception",
+    }
+}
+
+string_enum! {
+    /// Memory layout of the network's input.
+    pub enum Layout {
+        /// Channels last, [N, H, W, C], as Keras.
+        Nhwc = "NHWC",
+    }
+}
+
+string_enum! {
+    /// Colour channels of the input, in order.
+    pub enum Color {
+        Rgb = "RGB",
+    }
+}
+
+string_enum! {
+    /// Filter used to resize an image to the input size (aspect ratio not kept).
+    pub enum Resize {
+        /// Bilinear (triangle) filter, as Keras' `image_dataset_from_directory` and PIL.
+        Bilinear = "bilinear",
+        /// Nearest neighbour.
+        Nearest = "nearest",
+    }
+}
+
 /// How pixels become the network's input.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Preprocessing {
     /// Colour channels, in order.
-    pub color: String,
+    pub color: Color,
     /// Resize filter used to bring an image to `input_size` x `input_size` (aspect not kept).
-    pub resize: String,
+    pub resize: Resize,
     /// `x * scale + offset` on 0-255 pixel values.
     pub scale: f32,
     pub offset: f32,
@@ -33,7 +106,7 @@ pub struct Preprocessing {
 impl Default for Preprocessing {
     /// Xception's: RGB, bilinear resize, `x / 127.5 - 1` into [-1, 1].
     fn default() -> Self {
-        Self { color: "RGB".into(), resize: "bilinear".into(), scale: 1.0 / 127.5, offset: -1.0 }
+        Self { color: Color::Rgb, resize: Resize::Bilinear, scale: 1.0 / 127.5, offset: -1.0 }
     }
 }
 
@@ -56,11 +129,11 @@ pub struct ModelDescription {
     /// A short name for the model.
     pub name: String,
     /// The base network (`xception`).
-    pub architecture: String,
+    pub architecture: Architecture,
     /// Side of the square input image, in pixels.
     pub input_size: usize,
-    /// Memory layout of the network's input (`NHWC`).
-    pub layout: String,
+    /// Memory layout of the network's input.
+    pub layout: Layout,
     pub preprocessing: Preprocessing,
     /// The classifier head, if any; `None` for a bare feature extractor.
     pub head: Option<Head>,
@@ -68,6 +141,10 @@ pub struct ModelDescription {
     pub classes: Vec<String>,
     /// Where the weights came from (a file, a package, a training run).
     pub source: String,
+    /// The labelled image folder a trainer run learnt from (`train/`, `validation/`, `test/`),
+    /// where the exporter finds its verification photos; `None` for imported weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<PathBuf>,
     /// Evaluation figures, free-form, filled in by the trainer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<serde_json::Value>,
@@ -91,14 +168,8 @@ impl ModelDescription {
         if self.format != FORMAT_VERSION {
             return bad("format", format!("version {} is not supported (expected {FORMAT_VERSION})", self.format));
         }
-        if self.architecture != "xception" {
-            return bad("architecture", format!("`{}` is not supported (expected `xception`)", self.architecture));
-        }
         if self.input_size < 71 {
             return bad("input_size", format!("{} px is below Xception's minimum of 71", self.input_size));
-        }
-        if self.layout != "NHWC" {
-            return bad("layout", format!("`{}` is not supported (expected `NHWC`)", self.layout));
         }
         match &self.head {
             Some(h) if h.classes != self.classes.len() => {
@@ -135,13 +206,14 @@ mod tests {
         ModelDescription {
             format: FORMAT_VERSION,
             name: "footwear".into(),
-            architecture: "xception".into(),
+            architecture: Architecture::Xception,
             input_size: 150,
-            layout: "NHWC".into(),
+            layout: Layout::Nhwc,
             preprocessing: Preprocessing::default(),
             head: Some(Head { inner: 100, dropout: 0.2, classes: 3 }),
             classes: vec!["boot".into(), "sandal".into(), "shoe".into()],
             source: "test".into(),
+            dataset: None,
             metrics: None,
         }
     }
@@ -163,5 +235,22 @@ mod tests {
         let mut d = sample();
         d.input_size = 32;
         assert!(d.validate(Path::new("m")).unwrap_err().to_string().contains("input_size"));
+    }
+
+    /// The typed fields keep the strings of the files written before them, and an unknown value
+    /// is an error that names it instead of a silent default.
+    #[test]
+    fn typed_fields_read_the_stored_strings_and_refuse_others() {
+        let json = sample().to_json();
+        for want in
+            [r#""architecture": "xception""#, r#""layout": "NHWC""#, r#""resize": "bilinear""#, r#""color": "RGB""#]
+        {
+            assert!(json.contains(want), "{want} not in {json}");
+        }
+        let bicubic = json.replace(r#""resize": "bilinear""#, r#""resize": "bicubic""#);
+        let e = serde_json::from_str::<ModelDescription>(&bicubic).unwrap_err().to_string();
+        assert!(e.contains("bicubic") && e.contains("bilinear"), "{e}");
+        assert_eq!("nearest".parse::<Resize>(), Ok(Resize::Nearest));
+        assert!("NCHW".parse::<Layout>().unwrap_err().contains("NHWC"));
     }
 }

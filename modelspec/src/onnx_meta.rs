@@ -7,7 +7,7 @@
 //! `uint8` [N, size, size, 3], so a runtime only decodes and resizes. A `float32` variant takes
 //! the scaled pixels instead (what generic float-only tools feed).
 
-use crate::{Head, ModelDescription, Preprocessing, FORMAT_VERSION};
+use crate::{string_enum, Head, ModelDescription, Preprocessing, FORMAT_VERSION};
 use serde::{Deserialize, Serialize};
 
 /// JSON list of class names, in output order.
@@ -49,22 +49,13 @@ pub struct OnnxPreprocessing {
     pub scaling_in_graph: bool,
 }
 
-/// Element type of the graph's input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum InputType {
-    /// Resized pixels, 0-255; the graph scales them.
-    Uint8,
-    /// Scaled pixels (`x * scale + offset`).
-    Float32,
-}
-
-impl InputType {
-    pub fn name(self) -> &'static str {
-        match self {
-            InputType::Uint8 => "uint8",
-            InputType::Float32 => "float32",
-        }
+string_enum! {
+    /// Element type of the graph's input.
+    pub enum InputType {
+        /// Resized pixels, 0-255; the graph scales them.
+        Uint8 = "uint8",
+        /// Scaled pixels (`x * scale + offset`).
+        Float32 = "float32",
     }
 }
 
@@ -97,12 +88,12 @@ pub fn properties(
     vec![
         (CLASSES.into(), json(&desc.classes)),
         (INPUT_SIZE.into(), desc.input_size.to_string()),
-        (LAYOUT.into(), desc.layout.clone()),
-        (INPUT_TYPE.into(), input_type.name().into()),
+        (LAYOUT.into(), desc.layout.as_str().into()),
+        (INPUT_TYPE.into(), input_type.as_str().into()),
         (PREPROCESSING.into(), json(&pre)),
         (MODEL_NAME.into(), desc.name.clone()),
         (MODEL_VERSION.into(), model_version.to_string()),
-        (ARCHITECTURE.into(), desc.architecture.clone()),
+        (ARCHITECTURE.into(), desc.architecture.as_str().into()),
         (HEAD.into(), json(&desc.head)),
         (METRICS.into(), json(&desc.metrics)),
         (SOURCE.into(), desc.source.clone()),
@@ -121,6 +112,12 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<OnnxInfo, MetaError
     ) -> Result<T, MetaError> {
         serde_json::from_str(&need(get, key)?).map_err(|e| MetaError { key, reason: format!("not valid JSON: {e}") })
     }
+    fn parsed<T: std::str::FromStr<Err = String>>(
+        get: &impl Fn(&str) -> Option<String>,
+        key: &'static str,
+    ) -> Result<T, MetaError> {
+        need(get, key)?.trim().parse().map_err(|reason| MetaError { key, reason })
+    }
     let classes: Vec<String> = json(&get, CLASSES)?;
     let input_size: usize = need(&get, INPUT_SIZE)?
         .trim()
@@ -136,13 +133,14 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<OnnxInfo, MetaError
     let description = ModelDescription {
         format: FORMAT_VERSION,
         name: need(&get, MODEL_NAME)?,
-        architecture: need(&get, ARCHITECTURE)?,
+        architecture: parsed(&get, ARCHITECTURE)?,
         input_size,
-        layout: need(&get, LAYOUT)?,
+        layout: parsed(&get, LAYOUT)?,
         preprocessing: preprocessing.steps.clone(),
         head,
         classes,
         source: get(SOURCE).unwrap_or_default(),
+        dataset: None,
         metrics,
     };
     description
@@ -151,13 +149,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<OnnxInfo, MetaError
     Ok(OnnxInfo {
         description,
         model_version,
-        input_type: match need(&get, INPUT_TYPE)?.as_str() {
-            "uint8" => InputType::Uint8,
-            "float32" => InputType::Float32,
-            other => {
-                return Err(MetaError { key: INPUT_TYPE, reason: format!("`{other}` (expected uint8 or float32)") })
-            }
-        },
+        input_type: parsed(&get, INPUT_TYPE)?,
         preprocessing,
         toolchain: get(TOOLCHAIN).unwrap_or_default(),
     })
@@ -177,13 +169,14 @@ mod tests {
         ModelDescription {
             format: FORMAT_VERSION,
             name: "footwear".into(),
-            architecture: "xception".into(),
+            architecture: crate::Architecture::Xception,
             input_size: 224,
-            layout: "NHWC".into(),
+            layout: crate::Layout::Nhwc,
             preprocessing: Preprocessing::default(),
             head: Some(Head { inner: 100, dropout: 0.2, classes: 3 }),
             classes: vec!["boot".into(), "sandal".into(), "shoe".into()],
             source: "run".into(),
+            dataset: None,
             metrics: Some(serde_json::json!({"test_accuracy": 0.99})),
         }
     }

@@ -4,8 +4,8 @@
 //! as one batch and answers every request with its own rows.
 
 use crate::metrics::BatchObserver;
-use crate::model::{OnnxModel, Prediction};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use inference::{OnnxModel, Prediction};
 use std::time::{Duration, Instant};
 
 /// How a request fared in the batcher.
@@ -30,15 +30,31 @@ struct Job {
 /// Batching settings.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchConfig {
+    /// Most images in one batch.
     pub max_batch: usize,
+    /// Longest the first request of a batch waits for more.
     pub max_delay: Duration,
+}
+
+impl BatchConfig {
+    /// Images per batch by default. On 2 CPU cores ONNX Runtime runs no faster per image in
+    /// larger batches (41 img/s at 1 and at 16; docs/benchmarks.md) and its arena keeps the
+    /// largest batch resident; raise it on a GPU or a many-core machine.
+    pub const DEFAULT_MAX_BATCH: usize = 2;
+    /// Milliseconds a batch waits for more requests by default.
+    pub const DEFAULT_MAX_DELAY_MS: u64 = 5;
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self { max_batch: Self::DEFAULT_MAX_BATCH, max_delay: Duration::from_millis(Self::DEFAULT_MAX_DELAY_MS) }
+    }
 }
 
 /// The queue in front of the sessions.
 pub struct Batcher {
     tx: Sender<Job>,
     rx: Receiver<Job>,
-    pub config: BatchConfig,
 }
 
 impl Batcher {
@@ -52,7 +68,7 @@ impl Batcher {
                 .spawn(move || worker(model, rx, config, observe))
                 .expect("spawning a session thread");
         }
-        Self { tx, rx, config }
+        Self { tx, rx }
     }
 
     /// Requests waiting for a session.

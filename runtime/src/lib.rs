@@ -1,11 +1,7 @@
-//! The runtime: one self-describing `model.onnx` served with ONNX Runtime. No Candle here: the
-//! preprocessing is `modelspec`'s (the trainer's own), the model is whatever the exporter wrote.
+//! The `footwear` binary's library: the HTTP server ([`server`]) with its micro-batching queue
+//! ([`batcher`]) and Prometheus metrics ([`metrics`]). Loading and running the model is the
+//! `inference` crate's, shared with the exporter; no Candle here.
 
-pub mod answer;
 pub mod batcher;
 pub mod metrics;
-pub mod model;
-pub mod ortlib;
 pub mod server;
-
-pub use model::{ModelError, OnnxModel, Prediction, SessionConfig};

@@ -4,12 +4,12 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use modelspec::preprocess::{is_image_path, resized_pixels, DEFAULT_MAX_PIXELS};
-use rayon::prelude::*;
-use runtime::answer::{answer, Answer};
+use inference::answer::{answer, Answer};
+use inference::batch::predict_files;
+use inference::{OnnxModel, SessionConfig};
+use modelspec::preprocess::image_files;
 use runtime::batcher::BatchConfig;
 use runtime::server::{self, ServeConfig};
-use runtime::{OnnxModel, SessionConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -105,10 +105,10 @@ struct ServeArgs {
     /// Most images per batch. On 2 CPU cores ONNX Runtime runs no faster per image in larger
     /// batches (41 img/s at 1 and at 16) and its arena keeps the largest batch resident; raise it
     /// on a GPU or a many-core machine.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = BatchConfig::DEFAULT_MAX_BATCH)]
     max_batch: usize,
     /// Longest a batch waits for more requests, milliseconds.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = BatchConfig::DEFAULT_MAX_DELAY_MS)]
     max_delay_ms: u64,
     /// Per-request timeout, seconds.
     #[arg(long, default_value_t = 30)]
@@ -154,19 +154,6 @@ fn load(m: &ModelArgs, serving: bool) -> anyhow::Result<OnnxModel> {
     Ok(model)
 }
 
-/// The images under `dir` and its sub-folders.
-fn images_under(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
-        if p.is_dir() {
-            images_under(&p, out)?;
-        } else if p.is_file() && is_image_path(&p) {
-            out.push(p);
-        }
-    }
-    Ok(())
-}
-
 /// Expands files, folders and globs into a list of files (folders: their images and those of
 /// their sub-folders, sorted).
 fn expand(inputs: &[String]) -> (Vec<PathBuf>, Vec<(String, String)>) {
@@ -174,11 +161,10 @@ fn expand(inputs: &[String]) -> (Vec<PathBuf>, Vec<(String, String)>) {
     for i in inputs {
         let p = Path::new(i);
         if p.is_dir() {
-            let before = files.len();
-            if let Err(e) = images_under(p, &mut files) {
-                errors.push((i.clone(), e.to_string()));
+            match image_files(p) {
+                Ok(found) => files.extend(found),
+                Err(e) => errors.push((i.clone(), e.to_string())),
             }
-            files[before..].sort();
         } else if p.exists() {
             files.push(p.to_path_buf());
         } else if i.contains(['*', '?', '[']) {
@@ -202,40 +188,15 @@ fn expand(inputs: &[String]) -> (Vec<PathBuf>, Vec<(String, String)>) {
 fn predict(a: &PredictArgs) -> anyhow::Result<ExitCode> {
     let mut model = load(&a.model, false)?;
     let (files, mut errors) = expand(&a.inputs);
-    let (size, prep) = (model.input_size() as u32, model.info.description.preprocessing.clone());
     let classes = model.classes().to_vec();
-    let mut results: Vec<(String, Answer)> = Vec::with_capacity(files.len());
     let t0 = Instant::now();
-    for chunk in files.chunks(a.batch.max(1)) {
-        let decoded: Vec<(String, Result<Vec<u8>, String>)> = chunk
-            .par_iter()
-            .map(|f| {
-                let r = std::fs::read(f)
-                    .map_err(|e| e.to_string())
-                    .and_then(|b| resized_pixels(&b, size, &prep, DEFAULT_MAX_PIXELS).map_err(|e| e.to_string()));
-                (f.display().to_string(), r)
-            })
-            .collect();
-        let mut names = Vec::new();
-        let mut pixels = Vec::new();
-        for (name, r) in decoded {
-            match r {
-                Ok(px) => {
-                    names.push(name);
-                    pixels.extend(px);
-                }
-                Err(e) => errors.push((name, e)),
-            }
-        }
-        if names.is_empty() {
-            continue;
-        }
-        let n = names.len();
-        let preds = model.run(pixels, n)?;
-        for (name, p) in names.into_iter().zip(preds) {
-            results.push((name, answer(&p.probabilities, &classes, a.top_k, a.threshold)));
-        }
-    }
+    let r = predict_files(&mut model, &files, a.batch)?;
+    let results: Vec<(String, Answer)> = r
+        .predicted
+        .iter()
+        .map(|(f, p)| (f.display().to_string(), answer(&p.probabilities, &classes, a.top_k, a.threshold)))
+        .collect();
+    errors.extend(r.failed.iter().map(|(f, e)| (f.display().to_string(), e.to_string())));
     let secs = t0.elapsed().as_secs_f64();
     for (f, e) in &errors {
         eprintln!("error: {f}: {e}");

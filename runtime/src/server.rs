@@ -3,10 +3,8 @@
 //! `{"error": "...", "code": "..."}` with a 4xx/5xx status (the v2 protocol's error shape, plus a
 //! machine-readable code); no panic reaches a client.
 
-use crate::answer::{answer, Answer};
 use crate::batcher::{BatchConfig, Batched, Batcher};
 use crate::metrics::Metrics;
-use crate::model::OnnxModel;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -14,8 +12,10 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use inference::answer::{answer, Answer};
+use inference::OnnxModel;
 use modelspec::onnx_meta::{INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME};
-use modelspec::preprocess::{self, ImageError};
+use modelspec::preprocess::{self, ImageError, Source};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -40,7 +40,7 @@ pub struct ServeConfig {
 impl Default for ServeConfig {
     fn default() -> Self {
         Self {
-            batch: BatchConfig { max_batch: 16, max_delay: Duration::from_millis(5) },
+            batch: BatchConfig::default(),
             timeout: Duration::from_secs(30),
             max_body_bytes: 16 << 20,
             max_pixels: preprocess::DEFAULT_MAX_PIXELS,
@@ -58,7 +58,7 @@ pub struct AppState {
     version: String,
     classes: Vec<String>,
     size: usize,
-    resize: modelspec::Preprocessing,
+    preprocessing: modelspec::Preprocessing,
     cfg: ServeConfig,
     metrics: Metrics,
 }
@@ -115,17 +115,18 @@ fn body_error(status: StatusCode, e: impl std::fmt::Display, limit: usize) -> Ap
 }
 
 impl AppState {
-    /// Decodes and resizes images off the async threads.
+    /// Decodes and resizes images off the async threads; the first image that cannot be read
+    /// fails the request, naming its part.
     async fn to_pixels(&self, parts: Vec<(String, Bytes)>) -> Result<(Vec<String>, Vec<u8>), ApiError> {
-        let (size, prep, max) = (self.size as u32, self.resize.clone(), self.cfg.max_pixels);
+        let (size, prep, max) = (self.size as u32, self.preprocessing.clone(), self.cfg.max_pixels);
         tokio::task::spawn_blocking(move || {
-            let mut names = Vec::with_capacity(parts.len());
-            let mut pixels = Vec::with_capacity(parts.len() * (size * size * 3) as usize);
-            for (name, bytes) in parts {
-                pixels.extend(preprocess::resized_pixels(&bytes, size, &prep, max).map_err(|e| image_error(&name, e))?);
-                names.push(name);
+            let sources: Vec<Source> = parts.iter().map(|(_, bytes)| Source::Bytes(bytes)).collect();
+            let mut batch = preprocess::decode_batch(&sources, size, &prep, max);
+            if let Some((i, e)) = batch.failed.drain(..).next() {
+                return Err(image_error(&parts[i].0, e));
             }
-            Ok((names, pixels))
+            let names = parts.into_iter().map(|(name, _)| name).collect();
+            Ok((names, batch.pixels))
         })
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("decoding failed: {e}")))?
@@ -486,10 +487,10 @@ pub fn app(sessions: Vec<OnnxModel>, cfg: ServeConfig) -> Router {
     let first = &sessions[0];
     let d = &first.info.description;
     let (name, version, classes) = (d.name.clone(), first.info.model_version.to_string(), d.classes.clone());
-    let (size, resize) = (d.input_size, d.preprocessing.clone());
+    let (size, preprocessing) = (d.input_size, d.preprocessing.clone());
     let metrics = Metrics::new();
     let batcher = Batcher::start(sessions, cfg.batch, metrics.batch_observer());
-    let state = Arc::new(AppState { name, version, classes, size, resize, metrics, batcher, cfg });
+    let state = Arc::new(AppState { name, version, classes, size, preprocessing, metrics, batcher, cfg });
     let protected = Router::new()
         .route("/v1/predict", post(predict))
         .route("/v2/models/{name}", get(v2_model))

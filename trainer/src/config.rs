@@ -27,10 +27,10 @@ pub enum Schedule {
     ReduceOnPlateau,
 }
 
-/// Float type of the network's computation.
+/// Float type of the network's computation during training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum Precision {
+pub enum ComputePrecision {
     /// f32 everywhere (the CPU kernels).
     #[default]
     F32,
@@ -39,12 +39,12 @@ pub enum Precision {
     Bf16,
 }
 
-impl Precision {
+impl ComputePrecision {
     /// The compute type of the Xception blocks.
     pub fn dtype(self) -> candle_core::DType {
         match self {
-            Precision::F32 => candle_core::DType::F32,
-            Precision::Bf16 => candle_core::DType::BF16,
+            ComputePrecision::F32 => candle_core::DType::F32,
+            ComputePrecision::Bf16 => candle_core::DType::BF16,
         }
     }
 }
@@ -101,7 +101,7 @@ pub struct TrainConfig {
     pub image_size: usize,
     pub batch_size: usize,
     /// Float type of the blocks' computation (`bf16`: mixed precision, for `--device cuda`).
-    pub precision: Precision,
+    pub precision: ComputePrecision,
     pub seed: u64,
     /// Width of the head's hidden layer.
     pub inner: usize,
@@ -110,14 +110,16 @@ pub struct TrainConfig {
     pub l2: f64,
     /// Label smoothing of the training loss (0: plain cross-entropy).
     pub label_smoothing: f64,
-    /// First block trained in phase 2 (13 = exit flow; 15 = no fine-tuning).
+    /// First block trained in phase 2 (13 = the exit flow, 14 = its last block); phase 2 is
+    /// off when `fine_tune.epochs` is 0.
     pub fine_tune_from: usize,
     /// Variants of each training image in the feature cache: the original plus augmented ones.
     pub variants: usize,
     pub augment: AugmentConfig,
     /// Phase 1: base frozen, the head learns.
     pub head: PhaseConfig,
-    /// Phase 2: blocks from `fine_tune_from` up, and the head, at a lower rate.
+    /// Phase 2: blocks from `fine_tune_from` up, and the head, at a lower rate (0 epochs: no
+    /// fine-tuning).
     pub fine_tune: PhaseConfig,
     /// Fail on an unreadable image instead of skipping it with a warning.
     pub strict: bool,
@@ -135,7 +137,7 @@ impl Default for TrainConfig {
             out: "runs/footwear".into(),
             image_size: 224,
             batch_size: 32,
-            precision: Precision::F32,
+            precision: ComputePrecision::F32,
             seed: 42,
             inner: 100,
             dropout: 0.2,
@@ -190,8 +192,12 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             return bad("dropout", format!("{} is not in [0, 1)", self.dropout));
         }
-        if !(2..=15).contains(&self.fine_tune_from) {
-            return bad("fine_tune_from", format!("block {} is not in 2..=15", self.fine_tune_from));
+        let blocks = 2..=models::layers::NUM_BLOCKS;
+        if !blocks.contains(&self.fine_tune_from) {
+            return bad(
+                "fine_tune_from",
+                format!("block {} is not in {blocks:?} (fine_tune.epochs = 0 turns phase 2 off)", self.fine_tune_from),
+            );
         }
         if self.variants == 0 {
             return bad("variants", "at least 1 (the original image)".into());
@@ -208,6 +214,19 @@ impl TrainConfig {
             return bad("inner", "must be positive".into());
         }
         Ok(())
+    }
+
+    /// The settings of a phase.
+    pub fn phase(&self, phase: crate::checkpoint::Phase) -> &PhaseConfig {
+        match phase {
+            crate::checkpoint::Phase::Head => &self.head,
+            crate::checkpoint::Phase::FineTune => &self.fine_tune,
+        }
+    }
+
+    /// Whether phase 2 runs.
+    pub fn fine_tunes(&self) -> bool {
+        self.fine_tune.epochs > 0
     }
 
     /// The configuration as TOML, as saved in the run directory.

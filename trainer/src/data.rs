@@ -1,11 +1,11 @@
 //! The image folder: `train/`, `validation/`, `test/`, one sub-folder per class (class names
-//! from the folders, sorted). Images are decoded and resized in parallel with the preprocessing
-//! the runtime uses (`modelspec::preprocess`) and kept as 8-bit RGB at the input size.
+//! from the folders, sorted; a class's images may sit in sub-folders of its own). Images are
+//! listed and decoded with the preprocessing the runtime uses (`modelspec::preprocess`: its one
+//! folder walk and its one batch loop) and kept as 8-bit RGB at the input size.
 
-use indicatif::{ParallelProgressIterator, ProgressBar, ProgressStyle};
-use modelspec::preprocess::{decode_rgb, resize, DEFAULT_MAX_PIXELS};
+use indicatif::{ProgressBar, ProgressStyle};
+use modelspec::preprocess::{decode_batch, image_files, Source, DEFAULT_MAX_PIXELS};
 use modelspec::Preprocessing;
-use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 /// The three splits, in the order the trainer uses them.
@@ -43,12 +43,12 @@ pub struct Dataset {
     pub splits: [Vec<Sample>; 3],
 }
 
-fn sorted_entries(dir: &Path, want_dirs: bool) -> Result<Vec<PathBuf>, DataError> {
+/// The class folders of a split, sorted (hidden ones left out).
+fn class_dirs(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     let rd = std::fs::read_dir(dir).map_err(|source| DataError::Io { path: dir.into(), source })?;
     let mut v: Vec<PathBuf> = rd
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| if want_dirs { p.is_dir() } else { p.is_file() })
-        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .filter(|p| p.is_dir() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
         .collect();
     v.sort();
     Ok(v)
@@ -63,7 +63,7 @@ pub fn scan(root: &Path) -> Result<Dataset, DataError> {
         if !dir.is_dir() {
             return Err(DataError::MissingSplit { path: dir });
         }
-        let class_dirs = sorted_entries(&dir, true)?;
+        let class_dirs = class_dirs(&dir)?;
         if class_dirs.is_empty() {
             return Err(DataError::NoClasses { path: dir });
         }
@@ -82,8 +82,7 @@ pub fn scan(root: &Path) -> Result<Dataset, DataError> {
             Some(_) => {}
         }
         for (label, (cdir, name)) in class_dirs.iter().zip(&names).enumerate() {
-            let files: Vec<PathBuf> =
-                sorted_entries(cdir, false)?.into_iter().filter(|p| modelspec::preprocess::is_image_path(p)).collect();
+            let files = image_files(cdir).map_err(|source| DataError::Io { path: cdir.clone(), source })?;
             if files.is_empty() {
                 return Err(DataError::EmptyClass { path: cdir.clone(), class: name.clone() });
             }
@@ -140,16 +139,6 @@ pub fn load(
     what: &str,
 ) -> Result<(Images, Vec<(PathBuf, String)>), DataError> {
     let pb = progress(samples.len(), what);
-    let decoded: Vec<Result<Vec<u8>, (PathBuf, String)>> = samples
-        .par_iter()
-        .progress_with(pb.clone())
-        .map(|s| {
-            let bytes = std::fs::read(&s.path).map_err(|e| (s.path.clone(), e.to_string()))?;
-            let img = decode_rgb(&bytes, DEFAULT_MAX_PIXELS).map_err(|e| (s.path.clone(), e.to_string()))?;
-            Ok(resize(&img, size as u32, prep).into_raw())
-        })
-        .collect();
-    pb.finish_and_clear();
     let mut images = Images {
         size,
         pixels: Vec::with_capacity(samples.len() * size * size * 3),
@@ -157,43 +146,23 @@ pub fn load(
         paths: Vec::new(),
     };
     let mut skipped = Vec::new();
-    for (s, d) in samples.iter().zip(decoded) {
-        match d {
-            Ok(px) => {
-                images.pixels.extend_from_slice(&px);
-                images.labels.push(s.label as u32);
-                images.paths.push(s.path.clone());
-            }
-            Err((path, reason)) if strict => return Err(DataError::Unreadable { path, reason }),
-            Err(e) => skipped.push(e),
+    // In chunks, so that the progress bar moves and only one chunk of encoded files is in memory.
+    for chunk in samples.chunks(256) {
+        let sources: Vec<Source> = chunk.iter().map(|s| Source::File(&s.path)).collect();
+        let batch = decode_batch(&sources, size as u32, prep, DEFAULT_MAX_PIXELS);
+        if let Some((i, e)) = batch.failed.first().filter(|_| strict) {
+            return Err(DataError::Unreadable { path: chunk[*i].path.clone(), reason: e.to_string() });
         }
+        skipped.extend(batch.failed.iter().map(|(i, e)| (chunk[*i].path.clone(), e.to_string())));
+        images.pixels.extend_from_slice(&batch.pixels);
+        for &i in &batch.decoded {
+            images.labels.push(chunk[i].label as u32);
+            images.paths.push(chunk[i].path.clone());
+        }
+        pb.inc(chunk.len() as u64);
     }
+    pb.finish_and_clear();
     Ok((images, skipped))
-}
-
-/// A small image folder for quick trials and tests: symbolic links to the first `per_class`
-/// photos (sorted by name) of every class and split of `src`, created under `dst`.
-pub fn link_subset(src: &Path, dst: &Path, per_class: usize) -> std::io::Result<()> {
-    for split in SPLITS {
-        let mut classes: Vec<_> = std::fs::read_dir(src.join(split))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir())
-            .collect();
-        classes.sort();
-        for from in classes {
-            let to = dst.join(split).join(from.file_name().expect("a folder name"));
-            std::fs::create_dir_all(&to)?;
-            let mut files: Vec<_> = std::fs::read_dir(&from)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
-            files.sort();
-            for f in files.into_iter().take(per_class) {
-                let link = to.join(f.file_name().expect("a file name"));
-                if !link.exists() {
-                    std::os::unix::fs::symlink(std::fs::canonicalize(&f)?, link)?;
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

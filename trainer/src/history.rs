@@ -1,12 +1,13 @@
 //! Per-epoch figures of a run, saved as CSV and JSON and drawn by `plots`.
 
+use crate::checkpoint::Phase;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// One finished epoch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Epoch {
-    pub phase: usize,
+    pub phase: Phase,
     pub epoch: usize,
     pub lr: f64,
     pub train_loss: f64,

@@ -8,7 +8,7 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use trainer::config::{OptimizerKind, Precision, Schedule, TrainConfig};
+use trainer::config::{ComputePrecision, OptimizerKind, Schedule, TrainConfig};
 
 #[global_allocator]
 static GLOBAL: models::alloc::Allocator = models::alloc::Allocator;
@@ -76,7 +76,7 @@ struct TrainArgs {
     inner: Option<usize>,
     #[arg(long)]
     dropout: Option<f64>,
-    /// First block fine-tuned in phase 2 (13: exit flow; 15: none).
+    /// First block fine-tuned in phase 2 (13: the exit flow; --fine-tune-epochs 0 turns phase 2 off).
     #[arg(long)]
     fine_tune_from: Option<usize>,
     /// Cached variants of each training image (original + augmented).
@@ -123,7 +123,7 @@ struct TrainArgs {
     device: String,
     /// Float type of the network: `f32`, or `bf16` mixed precision (for `--device cuda`).
     #[arg(long, value_enum)]
-    precision: Option<Precision>,
+    precision: Option<ComputePrecision>,
 }
 
 fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
@@ -174,8 +174,8 @@ fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     Ok(c)
 }
 
-fn device(name: &str, precision: Precision) -> anyhow::Result<Device> {
-    if precision == Precision::Bf16 && name == "cpu" {
+fn device(name: &str, precision: ComputePrecision) -> anyhow::Result<Device> {
+    if precision == ComputePrecision::Bf16 && name == "cpu" {
         tracing::warn!(
             "bf16 on the CPU runs Candle's generic ops, several times slower than f32: it is meant for --device cuda"
         );

@@ -71,8 +71,8 @@ impl Optimizer {
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         for (i, (name, _)) in self.vars.iter().enumerate() {
-            out.push((format!("opt.m.{name}"), self.m[i].clone()));
-            out.push((format!("opt.v.{name}"), self.v[i].clone()));
+            out.push((format!("m.{name}"), self.m[i].clone()));
+            out.push((format!("v.{name}"), self.v[i].clone()));
         }
         out
     }
@@ -80,8 +80,8 @@ impl Optimizer {
     /// Restores [`Optimizer::state`]; `get` returns the saved tensor of a name.
     pub fn load_state(&mut self, step: u64, get: impl Fn(&str) -> Option<Tensor>) -> Result<()> {
         for (i, (name, _)) in self.vars.iter().enumerate() {
-            let m = get(&format!("opt.m.{name}"));
-            let v = get(&format!("opt.v.{name}"));
+            let m = get(&format!("m.{name}"));
+            let v = get(&format!("v.{name}"));
             match (m, v) {
                 (Some(m), Some(v)) => {
                     self.m[i] = m.detach();

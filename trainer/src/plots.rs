@@ -49,7 +49,7 @@ pub fn learning_curves(history: &[Epoch], path: &Path) -> Plot {
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, 3));
     let xs: Vec<f64> = (1..=history.len()).map(|i| i as f64).collect();
-    let phase2 = history.iter().position(|e| e.phase == 2).map(|i| i as f64 + 0.5);
+    let phase2 = history.iter().position(|e| e.phase == crate::checkpoint::Phase::FineTune).map(|i| i as f64 + 0.5);
     type Getter = fn(&Epoch) -> f64;
     type Series = Vec<(&'static str, Getter, RGBColor)>;
     let specs: [(&str, Series); 3] = [

@@ -6,7 +6,7 @@
 //! variant), and every kernel sums in a fixed order, so the same seed gives the same metrics and
 //! a resumed run ends where an uninterrupted one would have.
 
-use crate::checkpoint::{self, TrainState};
+use crate::checkpoint::{Checkpoint, Phase, Section, TrainState};
 use crate::config::{PhaseConfig, Schedule, TrainConfig};
 use crate::data::{self, Images, SPLITS};
 use crate::features::{self, CacheSpec, FeatureCache};
@@ -25,7 +25,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// What a finished run reports.
@@ -79,13 +79,13 @@ impl Trainable {
     /// Logits of cached items: from pooled features (phase 1) or from cached maps (phase 2).
     fn logits(
         &self,
-        phase: usize,
+        phase: Phase,
         cache: &FeatureCache,
         items: &[usize],
         mask: Option<&Tensor>,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let f = if phase == 1 {
+        let f = if phase == Phase::Head {
             cache.pooled_batch(items, dev)?
         } else {
             let m = cache.maps_batch(items, dev)?;
@@ -95,7 +95,7 @@ impl Trainable {
     }
 
     /// Mean loss, accuracy and predictions over every item of a cache (variant 0 only).
-    fn evaluate(&self, phase: usize, cache: &FeatureCache, dev: &Device) -> candle_core::Result<(f64, f64, Vec<u32>)> {
+    fn evaluate(&self, phase: Phase, cache: &FeatureCache, dev: &Device) -> candle_core::Result<(f64, f64, Vec<u32>)> {
         let items: Vec<usize> = (0..cache.n).collect();
         let (mut loss, mut preds) = (0f64, Vec::with_capacity(items.len()));
         for b in items.chunks(64) {
@@ -136,170 +136,156 @@ fn swap_in(vars: &[(String, Var)], values: &[(String, Tensor)]) -> candle_core::
     Ok(old)
 }
 
-fn fresh_state(phase: usize, history: Vec<Epoch>) -> TrainState {
-    TrainState {
-        phase,
-        next_epoch: 0,
-        history,
-        best_acc: -1.0,
-        // Not infinity: JSON (the checkpoint's metadata) has no infinities.
-        best_loss: f64::MAX,
-        since_best: 0,
-        lr_factor: 1.0,
-        plateau_wait: 0,
-        plateau_best: f64::MAX,
-        opt_step: 0,
-        phase_done: false,
-    }
-}
-
 fn snapshot(vars: &[(String, Var)]) -> candle_core::Result<Vec<(String, Tensor)>> {
     vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?.detach()))).collect()
 }
 
-/// Runs one phase from `state` (fresh or resumed), leaving its best variables in place.
-#[allow(clippy::too_many_arguments)]
-fn train_phase(
-    cfg: &TrainConfig,
-    pc: &PhaseConfig,
-    t: &Trainable,
-    vars: Vec<(String, Var)>,
-    state: &mut TrainState,
-    resumed: Option<&HashMap<String, Tensor>>,
-    caches: &[FeatureCache; 3],
-    ckpt: &std::path::Path,
-    dev: &Device,
-) -> anyhow::Result<()> {
-    let phase = state.phase;
-    let mut opt = Optimizer::new(pc.optimizer, vars.clone(), pc.weight_decay, pc.momentum)?;
-    let mut best = snapshot(&vars)?;
-    if let Some(saved) = resumed {
-        for (name, var) in &vars {
-            let cur = saved.get(&format!("var.{name}")).with_context(|| format!("checkpoint lacks `{name}`"))?;
-            var.set(cur)?;
-        }
-        best = vars
-            .iter()
-            .map(|(n, _)| {
-                saved
-                    .get(&format!("best.{n}"))
-                    .cloned()
-                    .map(|t| (n.clone(), t))
-                    .with_context(|| format!("checkpoint lacks best `{n}`"))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        opt.load_state(state.opt_step, |k| saved.get(k).cloned())?;
-    }
-    // The moving average of the weights (when on) starts from the phase's initial weights.
-    let mut ema = if pc.ema > 0.0 { Some(snapshot(&vars)?) } else { None };
-    if let (Some(e), Some(saved)) = (ema.as_mut(), resumed) {
-        for (n, t) in e.iter_mut() {
-            *t = saved.get(&format!("ema.{n}")).cloned().with_context(|| format!("checkpoint lacks ema `{n}`"))?;
-        }
-    }
-    let train = &caches[0];
-    let dropout = cfg.dropout;
-    for epoch in state.next_epoch..pc.epochs {
-        if state.phase_done {
-            break;
-        }
-        let start = Instant::now();
-        let lr = learning_rate(pc, epoch, state.lr_factor);
-        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ ((phase as u64) << 40) ^ (epoch as u64) << 20);
-        let v = epoch % train.variants;
-        let mut items: Vec<usize> = (0..train.n).map(|i| v * train.n + i).collect();
-        items.shuffle(&mut rng);
-        let pb = data::progress(items.len(), &format!("phase {phase} epoch {}", epoch + 1));
-        let (mut loss_sum, mut correct) = (0f64, 0usize);
-        for batch in items.chunks(cfg.batch_size) {
-            let mask = if dropout > 0.0 {
-                let keep = 1.0 - dropout;
-                let m: Vec<f32> = (0..batch.len() * cfg.inner)
-                    .map(|_| if rng.random_bool(keep) { (1.0 / keep) as f32 } else { 0.0 })
-                    .collect();
-                Some(Tensor::from_vec(m, (batch.len(), cfg.inner), dev)?)
-            } else {
-                None
-            };
-            let logits = t.logits(phase, train, batch, mask.as_ref(), dev)?;
-            let labels = train.labels_batch(batch, dev)?;
-            let ce = smoothed_cross_entropy(&logits, &labels, cfg.label_smoothing)?;
-            let loss = (&ce + (t.l2()? * cfg.l2)?)?;
-            let grads = loss.backward()?;
-            opt.step(&grads, lr)?;
+/// What every phase of a run works with.
+struct PhaseRunner<'a> {
+    cfg: &'a TrainConfig,
+    net: &'a Trainable,
+    caches: &'a [FeatureCache; 3],
+    /// The run's checkpoint file, rewritten after every epoch.
+    checkpoint: &'a Path,
+    dev: &'a Device,
+}
+
+impl PhaseRunner<'_> {
+    /// Runs `state.phase` from `state` (fresh, or `resumed` from a checkpoint) on the variables
+    /// `vars`, leaving its best variables in place.
+    fn run(
+        &self,
+        vars: Vec<(String, Var)>,
+        state: &mut TrainState,
+        resumed: Option<&Checkpoint>,
+    ) -> anyhow::Result<()> {
+        let (cfg, t, caches, dev) = (self.cfg, self.net, self.caches, self.dev);
+        let phase = state.phase;
+        let pc = cfg.phase(phase);
+        let mut opt = Optimizer::new(pc.optimizer, vars.clone(), pc.weight_decay, pc.momentum)?;
+        let mut best = snapshot(&vars)?;
+        // The moving average of the weights (when on) starts from the phase's initial weights.
+        let mut ema = if pc.ema > 0.0 { Some(snapshot(&vars)?) } else { None };
+        if let Some(saved) = resumed {
+            for (name, var) in &vars {
+                var.set(&saved.get(Section::Vars, name)?)?;
+            }
+            for (n, t) in best.iter_mut() {
+                *t = saved.get(Section::Best, n)?;
+            }
             if let Some(e) = ema.as_mut() {
-                for ((_, avg), (_, var)) in e.iter_mut().zip(&vars) {
-                    // Detached: otherwise each average would hold on to the previous one, and
-                    // through it to every average since the start of the phase.
-                    *avg = ((&*avg * pc.ema)? + (var.as_tensor().detach() * (1.0 - pc.ema))?)?.detach();
+                for (n, t) in e.iter_mut() {
+                    *t = saved.get(Section::Ema, n)?;
                 }
             }
-            loss_sum += ce.to_scalar::<f32>()? as f64 * batch.len() as f64;
-            let p = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            correct += p.iter().zip(batch).filter(|(p, &i)| **p == train.labels[i]).count();
-            pb.inc(batch.len() as u64);
+            opt.load_state(state.opt_step, |k| saved.get(Section::Optimizer, k).ok())?;
         }
-        pb.finish_and_clear();
-        // Validation (and the best snapshot) with the averaged weights when averaging is on.
-        let raw = match &ema {
-            Some(e) => Some(swap_in(&vars, e)?),
-            None => None,
-        };
-        let (val_loss, val_acc, _) = t.evaluate(phase, &caches[1], dev)?;
-        let e = Epoch {
-            phase,
-            epoch: epoch + 1,
-            lr,
-            train_loss: loss_sum / items.len() as f64,
-            train_acc: correct as f64 / items.len() as f64,
-            val_loss,
-            val_acc,
-            seconds: start.elapsed().as_secs_f64(),
-        };
-        tracing::info!(
-            "phase {phase} epoch {:>2}/{}: lr {:.2e}  train loss {:.4} acc {:.4}  val loss {:.4} acc {:.4}  ({:.0} s, {:.0} img/s)",
-            e.epoch, pc.epochs, lr, e.train_loss, e.train_acc, val_loss, val_acc, e.seconds, items.len() as f64 / e.seconds
-        );
-        state.history.push(e);
-        if val_acc > state.best_acc || (val_acc == state.best_acc && val_loss < state.best_loss) {
-            (state.best_acc, state.best_loss, state.since_best) = (val_acc, val_loss, 0);
-            best = snapshot(&vars)?;
-        } else {
-            state.since_best += 1;
-        }
-        if let Some(raw) = raw {
-            swap_in(&vars, &raw)?;
-        }
-        if pc.schedule == Schedule::ReduceOnPlateau {
-            if val_loss < state.plateau_best - 1e-4 {
-                (state.plateau_best, state.plateau_wait) = (val_loss, 0);
+        let train = &caches[0];
+        let dropout = cfg.dropout;
+        for epoch in state.next_epoch..pc.epochs {
+            if state.phase_done {
+                break;
+            }
+            let start = Instant::now();
+            let lr = learning_rate(pc, epoch, state.lr_factor);
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(cfg.seed ^ (u64::from(phase.number()) << 40) ^ (epoch as u64) << 20);
+            let v = epoch % train.variants;
+            let mut items: Vec<usize> = (0..train.n).map(|i| v * train.n + i).collect();
+            items.shuffle(&mut rng);
+            let pb = data::progress(items.len(), &format!("phase {phase} epoch {}", epoch + 1));
+            let (mut loss_sum, mut correct) = (0f64, 0usize);
+            for batch in items.chunks(cfg.batch_size) {
+                let mask = if dropout > 0.0 {
+                    let keep = 1.0 - dropout;
+                    let m: Vec<f32> = (0..batch.len() * cfg.inner)
+                        .map(|_| if rng.random_bool(keep) { (1.0 / keep) as f32 } else { 0.0 })
+                        .collect();
+                    Some(Tensor::from_vec(m, (batch.len(), cfg.inner), dev)?)
+                } else {
+                    None
+                };
+                let logits = t.logits(phase, train, batch, mask.as_ref(), dev)?;
+                let labels = train.labels_batch(batch, dev)?;
+                let ce = smoothed_cross_entropy(&logits, &labels, cfg.label_smoothing)?;
+                let loss = (&ce + (t.l2()? * cfg.l2)?)?;
+                let grads = loss.backward()?;
+                opt.step(&grads, lr)?;
+                if let Some(e) = ema.as_mut() {
+                    for ((_, avg), (_, var)) in e.iter_mut().zip(&vars) {
+                        // Detached: otherwise each average would hold on to the previous one, and
+                        // through it to every average since the start of the phase.
+                        *avg = ((&*avg * pc.ema)? + (var.as_tensor().detach() * (1.0 - pc.ema))?)?.detach();
+                    }
+                }
+                loss_sum += ce.to_scalar::<f32>()? as f64 * batch.len() as f64;
+                let p = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+                correct += p.iter().zip(batch).filter(|(p, &i)| **p == train.labels[i]).count();
+                pb.inc(batch.len() as u64);
+            }
+            pb.finish_and_clear();
+            // Validation (and the best snapshot) with the averaged weights when averaging is on.
+            let raw = match &ema {
+                Some(e) => Some(swap_in(&vars, e)?),
+                None => None,
+            };
+            let (val_loss, val_acc, _) = t.evaluate(phase, &caches[1], dev)?;
+            let e = Epoch {
+                phase,
+                epoch: epoch + 1,
+                lr,
+                train_loss: loss_sum / items.len() as f64,
+                train_acc: correct as f64 / items.len() as f64,
+                val_loss,
+                val_acc,
+                seconds: start.elapsed().as_secs_f64(),
+            };
+            tracing::info!(
+                "phase {phase} epoch {:>2}/{}: lr {:.2e}  train loss {:.4} acc {:.4}  val loss {:.4} acc {:.4}  ({:.0} s, {:.0} img/s)",
+                e.epoch, pc.epochs, lr, e.train_loss, e.train_acc, val_loss, val_acc, e.seconds, items.len() as f64 / e.seconds
+            );
+            state.history.push(e);
+            if val_acc > state.best_acc || (val_acc == state.best_acc && val_loss < state.best_loss) {
+                (state.best_acc, state.best_loss, state.since_best) = (val_acc, val_loss, 0);
+                best = snapshot(&vars)?;
             } else {
-                state.plateau_wait += 1;
-                if state.plateau_wait >= (pc.patience / 2).max(1) {
-                    (state.lr_factor, state.plateau_wait) = (state.lr_factor * 0.1, 0);
+                state.since_best += 1;
+            }
+            if let Some(raw) = raw {
+                swap_in(&vars, &raw)?;
+            }
+            if pc.schedule == Schedule::ReduceOnPlateau {
+                if val_loss < state.plateau_best - 1e-4 {
+                    (state.plateau_best, state.plateau_wait) = (val_loss, 0);
+                } else {
+                    state.plateau_wait += 1;
+                    if state.plateau_wait >= (pc.patience / 2).max(1) {
+                        (state.lr_factor, state.plateau_wait) = (state.lr_factor * 0.1, 0);
+                    }
                 }
             }
+            state.next_epoch = epoch + 1;
+            state.opt_step = opt.step;
+            if pc.patience > 0 && state.since_best >= pc.patience {
+                tracing::info!("phase {phase}: no better validation accuracy for {} epochs, stopping", pc.patience);
+                state.phase_done = true;
+            }
+            let mut c = Checkpoint::new(state.clone());
+            c.put(Section::Vars, vars.iter().map(|(n, v)| (n.as_str(), v.as_tensor().clone())));
+            c.put(Section::Best, best.iter().map(|(n, t)| (n.as_str(), t.clone())));
+            if let Some(e) = &ema {
+                c.put(Section::Ema, e.iter().map(|(n, t)| (n.as_str(), t.clone())));
+            }
+            let moments = opt.state();
+            c.put(Section::Optimizer, moments.iter().map(|(n, t)| (n.as_str(), t.clone())));
+            c.save(self.checkpoint)?;
         }
-        state.next_epoch = epoch + 1;
-        state.opt_step = opt.step;
-        if pc.patience > 0 && state.since_best >= pc.patience {
-            tracing::info!("phase {phase}: no better validation accuracy for {} epochs, stopping", pc.patience);
-            state.phase_done = true;
+        // Early stopping restores the best epoch's variables.
+        for ((_, var), (_, b)) in vars.iter().zip(&best) {
+            var.set(b)?;
         }
-        let mut tensors: Vec<(String, Tensor)> =
-            vars.iter().map(|(n, v)| (format!("var.{n}"), v.as_tensor().clone())).collect();
-        tensors.extend(best.iter().map(|(n, t)| (format!("best.{n}"), t.clone())));
-        tensors.extend(opt.state());
-        if let Some(e) = &ema {
-            tensors.extend(e.iter().map(|(n, t)| (format!("ema.{n}"), t.clone())));
-        }
-        checkpoint::save(ckpt, state, &tensors)?;
+        Ok(())
     }
-    // Early stopping restores the best epoch's variables.
-    for ((_, var), (_, b)) in vars.iter().zip(&best) {
-        var.set(b)?;
-    }
-    Ok(())
 }
 
 /// What the frozen part of the network gives once for a configuration: the class names, the
@@ -376,13 +362,9 @@ pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
     Ok(Prepared { classes: ds.classes, caches, base_tensors: base_dir.tensors, prep })
 }
 
-fn fine_tunes(cfg: &TrainConfig) -> bool {
-    cfg.fine_tune_from <= NUM_BLOCKS && cfg.fine_tune.epochs > 0
-}
-
 /// The last frozen block, whose output the cache holds.
 fn cache_upto(cfg: &TrainConfig) -> usize {
-    if fine_tunes(cfg) {
+    if cfg.fine_tunes() {
         cfg.fine_tune_from - 1
     } else {
         NUM_BLOCKS
@@ -406,7 +388,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, dev: &Device) -> anyhow::Result<Outc
                 config_path.display()
             );
         }
-        resumed = Some(checkpoint::load(&ckpt_path, dev)?);
+        resumed = Some(Checkpoint::load(&ckpt_path, dev)?);
         tracing::info!("resuming from {}", ckpt_path.display());
     } else if resume {
         tracing::warn!("--resume: no checkpoint in {}, starting afresh", out.display());
@@ -422,7 +404,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, dev: &Device) -> anyhow::Result<Outc
 pub fn train_prepared(
     cfg: &TrainConfig,
     p: &Prepared,
-    resumed: Option<(TrainState, HashMap<String, Tensor>)>,
+    resumed: Option<Checkpoint>,
     dev: &Device,
 ) -> anyhow::Result<Outcome> {
     let t0 = Instant::now();
@@ -430,7 +412,7 @@ pub fn train_prepared(
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let ckpt_path = out.join("checkpoint.safetensors");
     let caches = &p.caches;
-    let fine_tune = fine_tunes(cfg);
+    let fine_tune = cfg.fine_tunes();
     if caches[0].map_dims[0] != models::layers::output_size_after(cfg.image_size, cache_upto(cfg)) {
         bail!("feature caches were built for another image size or block");
     }
@@ -474,22 +456,23 @@ pub fn train_prepared(
                 && !k.ends_with("moving_variance"))
     });
 
+    let runner = PhaseRunner { cfg, net: &t, caches, checkpoint: &ckpt_path, dev };
     let (mut state, saved) = match resumed {
-        Some((s, tensors)) => (s, Some(tensors)),
-        None => (fresh_state(1, Vec::new()), None),
+        Some(c) => (c.state.clone(), Some(c)),
+        None => (TrainState::start(Phase::Head, Vec::new()), None),
     };
-    if state.phase == 1 {
-        train_phase(cfg, &cfg.head, &t, head_vars, &mut state, saved.as_ref(), caches, &ckpt_path, dev)?;
-        state = fresh_state(2, std::mem::take(&mut state.history));
+    if state.phase == Phase::Head {
+        runner.run(head_vars, &mut state, saved.as_ref())?;
+        state = TrainState::start(Phase::FineTune, std::mem::take(&mut state.history));
         if fine_tune {
-            train_phase(cfg, &cfg.fine_tune, &t, ft_vars, &mut state, None, caches, &ckpt_path, dev)?;
+            runner.run(ft_vars, &mut state, None)?;
         }
     } else if fine_tune {
-        train_phase(cfg, &cfg.fine_tune, &t, ft_vars, &mut state, saved.as_ref(), caches, &ckpt_path, dev)?;
+        runner.run(ft_vars, &mut state, saved.as_ref())?;
     }
 
     // Final metrics.
-    let phase = if fine_tune { 2 } else { 1 };
+    let phase = if fine_tune { Phase::FineTune } else { Phase::Head };
     let (_, _, val_pred) = t.evaluate(phase, &caches[1], dev)?;
     let (_, _, test_pred) = t.evaluate(phase, &caches[2], dev)?;
     let validation = metrics::evaluate(&val_pred, &caches[1].labels[..caches[1].n], &p.classes);
@@ -506,13 +489,14 @@ pub fn train_prepared(
     let description = ModelDescription {
         format: FORMAT_VERSION,
         name: cfg.name.clone(),
-        architecture: "xception".into(),
+        architecture: modelspec::Architecture::Xception,
         input_size: cfg.image_size,
-        layout: "NHWC".into(),
+        layout: modelspec::Layout::Nhwc,
         preprocessing: p.prep.clone(),
         head: Some(head_cfg),
         classes: p.classes.clone(),
         source: format!("trainer run {} on {}", out.display(), cfg.data.display()),
+        dataset: Some(cfg.data.clone()),
         metrics: Some(serde_json::json!({
             "test_accuracy": test.accuracy,
             "test_macro_f1": test.macro_f1,

@@ -9,29 +9,19 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use trainer::config::TrainConfig;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("trainer-e2e-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    testkit::tmp("trainer-e2e", name)
 }
 
 /// A small image folder: symlinks to the first `per_class` photos of each class and split.
 fn small_footwear(per_class: usize, name: &str) -> PathBuf {
     let dst = tmp(name);
-    trainer::data::link_subset(&repo().join("../shared/data/footwear"), &dst, per_class).unwrap();
+    testkit::link_subset(&testkit::footwear(), &dst, per_class).unwrap();
     dst
 }
 
 fn base() -> PathBuf {
-    let dir = std::env::var_os("WEIGHTS_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("weights"));
-    let p = dir.join("xception-imagenet");
-    assert!(p.join("model.safetensors").exists(), "{} is missing: run scripts/fetch-weights.sh first", p.display());
-    p
+    testkit::weights("xception-imagenet")
 }
 
 fn small_config(data: &Path, out: &Path) -> TrainConfig {
@@ -88,8 +78,8 @@ fn same_seed_same_result_and_resume_after_sigkill() {
     let start = Instant::now();
     loop {
         assert!(start.elapsed() < Duration::from_secs(300), "no phase-2 checkpoint after 300 s");
-        if let Ok((state, _)) = trainer::checkpoint::load(&ckpt, &Device::Cpu) {
-            if state.phase == 2 && state.next_epoch >= 1 {
+        if let Ok(c) = trainer::checkpoint::Checkpoint::load(&ckpt, &Device::Cpu) {
+            if c.state.phase == trainer::checkpoint::Phase::FineTune && c.state.next_epoch >= 1 {
                 break;
             }
         }
@@ -158,7 +148,7 @@ fn bf16_mixed_precision_trains() {
     let data = small_footwear(8, "data-bf16");
     let out = tmp("bf16");
     let mut cfg = small_config(&data, &out.join("run"));
-    cfg.precision = trainer::config::Precision::Bf16;
+    cfg.precision = trainer::config::ComputePrecision::Bf16;
     cfg.head.epochs = 6;
     cfg.fine_tune.epochs = 2;
     trainer::train::run(&cfg, false, &Device::Cpu).unwrap();
@@ -173,7 +163,7 @@ fn bf16_mixed_precision_trains() {
     assert!(saved.values().all(|t| t.dtype() == candle_core::DType::F32));
     // One cache per split, keyed apart from f32 caches of the same images.
     let caches = std::fs::read_dir(out.join("feature-cache")).unwrap().count();
-    cfg.precision = trainer::config::Precision::F32;
+    cfg.precision = trainer::config::ComputePrecision::F32;
     cfg.out = out.join("run-f32");
     cfg.fine_tune.epochs = 0;
     trainer::train::run(&cfg, false, &Device::Cpu).unwrap();

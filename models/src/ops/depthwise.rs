@@ -4,7 +4,7 @@
 //! direct kernel, whose inner loop is a vectorised multiply-add over the contiguous channels.
 
 use super::fused::mask_positive;
-use super::{axpy, contiguous_f32, nhwc, simd_fn, AxisPad, Padding};
+use super::{axpy, contiguous_f32, simd_fn, window_geom, AxisPad, Geom, Padding};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -48,9 +48,10 @@ impl DepthwiseConv2d {
     }
 }
 
-/// Geometry shared by the forward and backward kernels.
+/// Geometry shared by the depthwise forward and backward kernels: the sliding window's
+/// ([`window_geom`], stride 1) plus the kernel's size and the padding.
 #[derive(Debug, Clone, Copy)]
-struct Geom {
+struct DepthwiseGeom {
     n: usize,
     h: usize,
     w: usize,
@@ -63,21 +64,17 @@ struct Geom {
     pad_w: AxisPad,
 }
 
-impl Geom {
+impl DepthwiseGeom {
     fn new(x: &Layout, k: &Layout, pad_h: AxisPad, pad_w: AxisPad, op: &str) -> Result<Self> {
-        let (n, h, w, c) = nhwc(x, op)?;
         let (kh, kw, kc) = match k.dims() {
             &[a, b, c] => (a, b, c),
             d => candle_core::bail!("{op}: kernel must be [KH, KW, C], got {d:?}"),
         };
+        let Geom { n, h, w, c, oh, ow } = window_geom(x, (kh, kw), 1, pad_h, pad_w, op)?;
         if kc != c {
             candle_core::bail!("{op}: kernel has {kc} channels, input has {c}")
         }
-        let (ph, pw) = (h + pad_h.before + pad_h.after, w + pad_w.before + pad_w.after);
-        if ph < kh || pw < kw {
-            candle_core::bail!("{op}: {h}x{w} input is smaller than the {kh}x{kw} kernel")
-        }
-        Ok(Self { n, h, w, c, kh, kw, oh: ph - kh + 1, ow: pw - kw + 1, pad_h, pad_w })
+        Ok(Self { n, h, w, c, kh, kw, oh, ow, pad_h, pad_w })
     }
 
     /// Output columns `ox` whose input column `ox + kx - pad_w.before` lies inside the image.
@@ -102,7 +99,7 @@ simd_fn! {
     /// One output row of the forward pass. For each output pixel and each chunk of channels, the
     /// taps are summed in registers and stored once. `floor` is 0 to apply relu to the input as
     /// it is read (Xception's relu → sepconv), or -inf for none.
-    fn forward_row(g: &Geom, img: &[f32], k: &[f32], oy: usize, floor: f32, out: &mut [MaybeUninit<f32>]) {
+    fn forward_row(g: &DepthwiseGeom, img: &[f32], k: &[f32], oy: usize, floor: f32, out: &mut [MaybeUninit<f32>]) {
         let c = g.c;
         for ox in 0..g.ow {
             let o = &mut out[ox * c..(ox + 1) * c];
@@ -138,7 +135,7 @@ simd_fn! {
 
 simd_fn! {
     /// One output row's contribution to the kernel gradient: `gk[ky, kx] += x[iy, ix] * g[ox]`.
-    fn grad_kernel_row(g: &Geom, img: &[f32], grad: &[f32], oy: usize, floor: f32, gk: &mut [f32]) {
+    fn grad_kernel_row(g: &DepthwiseGeom, img: &[f32], grad: &[f32], oy: usize, floor: f32, gk: &mut [f32]) {
         let c = g.c;
         let mut xr = vec![0f32; c];
         for ky in 0..g.kh {
@@ -157,7 +154,7 @@ simd_fn! {
 }
 
 /// Forward pass on plain slices: returns the [N, OH, OW, C] output.
-fn forward(g: &Geom, x: &[f32], k: &[f32], floor: f32) -> Vec<f32> {
+fn forward(g: &DepthwiseGeom, x: &[f32], k: &[f32], floor: f32) -> Vec<f32> {
     let (img_len, row_len) = (g.h * g.w * g.c, g.ow * g.c);
     let len = g.n * g.oh * row_len;
     // Every element is written exactly once by `forward_row`, so the buffer is not zeroed first.
@@ -180,7 +177,7 @@ impl CustomOp2 for DepthwiseConv2d {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1, l2, self.pad_h, self.pad_w, self.name())?;
+        let g = DepthwiseGeom::new(l1, l2, self.pad_h, self.pad_w, self.name())?;
         let (x, k) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
         Ok((CpuStorage::F32(forward(&g, x, k, self.floor())), Shape::from((g.n, g.oh, g.ow, g.c))))
     }
@@ -223,7 +220,7 @@ impl CustomOp2 for DepthwiseGradInput {
         let (p, q) = (self.fwd.pad_h, self.fwd.pad_w);
         let pad_h = AxisPad { before: kh - 1 - p.before, after: kh - 1 - p.after };
         let pad_w = AxisPad { before: kw - 1 - q.before, after: kw - 1 - q.after };
-        let g = Geom::new(l1, l2, pad_h, pad_w, self.name())?;
+        let g = DepthwiseGeom::new(l1, l2, pad_h, pad_w, self.name())?;
         Ok((CpuStorage::F32(forward(&g, grad, &flipped, f32::NEG_INFINITY)), Shape::from((g.n, g.oh, g.ow, g.c))))
     }
 }
@@ -243,7 +240,7 @@ impl CustomOp2 for DepthwiseGradKernel {
         let (x, grad) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
         let (kh, kw, c) = self.kernel_dims;
         let kl = Layout::contiguous((kh, kw, c));
-        let g = Geom::new(l1, &kl, self.fwd.pad_h, self.fwd.pad_w, self.name())?;
+        let g = DepthwiseGeom::new(l1, &kl, self.fwd.pad_h, self.fwd.pad_w, self.name())?;
         if l2.dims() != [g.n, g.oh, g.ow, g.c] {
             candle_core::bail!("{}: gradient shape {:?} does not match the output", self.name(), l2.dims())
         }

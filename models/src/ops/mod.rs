@@ -39,21 +39,30 @@ pub struct AxisPad {
 }
 
 impl Padding {
-    /// Output length and padding of one axis of `len` elements for a window `k`, stride `s`.
-    pub fn resolve(self, len: usize, k: usize, s: usize) -> Result<(usize, AxisPad)> {
+    /// Output length and padding of one axis of `len` elements for a window `k`, stride `s`;
+    /// `None` when a 'valid' window does not fit.
+    pub fn window(self, len: usize, k: usize, s: usize) -> Option<(usize, AxisPad)> {
         match self {
-            Padding::Valid => {
-                if len < k {
-                    candle_core::bail!("input of {len} px is smaller than the {k} px window")
-                }
-                Ok(((len - k) / s + 1, AxisPad { before: 0, after: 0 }))
-            }
+            Padding::Valid => (len >= k).then(|| ((len - k) / s + 1, AxisPad { before: 0, after: 0 })),
             Padding::Same => {
                 let out = len.div_ceil(s);
-                let total = ((out - 1) * s + k).saturating_sub(len);
-                Ok((out, AxisPad { before: total / 2, after: total - total / 2 }))
+                let total = ((out.max(1) - 1) * s + k).saturating_sub(len);
+                Some((out, AxisPad { before: total / 2, after: total - total / 2 }))
             }
         }
+    }
+
+    /// [`Padding::window`], or an error naming the sizes.
+    pub fn resolve(self, len: usize, k: usize, s: usize) -> Result<(usize, AxisPad)> {
+        match self.window(len, k, s) {
+            Some(w) => Ok(w),
+            None => candle_core::bail!("input of {len} px is smaller than the {k} px window"),
+        }
+    }
+
+    /// Output length of one axis (0 when the window does not fit).
+    pub fn output_size(self, len: usize, k: usize, s: usize) -> usize {
+        self.window(len, k, s).map_or(0, |(out, _)| out)
     }
 }
 
