@@ -186,7 +186,7 @@ fn server_labels_real_photos_and_answers_every_bad_input_with_a_json_4xx() {
         &std::fs::read(&photos[0].0).unwrap(),
         96,
         &modelspec::Preprocessing::default(),
-        u64::MAX,
+        &modelspec::preprocess::DecodeLimits::default(),
     )
     .unwrap();
     let req = serde_json::json!({"id": "r1", "inputs": [{"name": "image", "shape": [1, 96, 96, 3], "datatype": "UINT8", "data": px}]});
@@ -215,6 +215,8 @@ fn server_labels_real_photos_and_answers_every_bad_input_with_a_json_4xx() {
         ("truncated JPEG", post("image/jpeg", jpeg[..jpeg.len() / 2].to_vec()), 422, "invalid_image"),
         ("0 bytes", post("image/jpeg", Vec::new()), 422, "invalid_image"),
         ("50,000 x 50,000 header", post("image/png", png_header(50_000, 50_000)), 413, "image_too_large"),
+        // Once answered by an abort: the resize asked for 96 GB.
+        ("40,000,000 x 1 header", post("image/png", png_header(40_000_000, 1)), 413, "image_too_large"),
         ("body over 1 MiB", post("image/jpeg", vec![0u8; 2 << 20]), 413, "body_too_large"),
         ("wrong content type", post("application/json", b"{}".to_vec()), 415, "unsupported_content_type"),
     ];

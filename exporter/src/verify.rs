@@ -8,7 +8,7 @@ use models::classifier::Classifier;
 use models::weights::ModelDir;
 use models::xception::XceptionOptions;
 use modelspec::onnx_meta::{InputType, INPUT_NAME, LOGITS_NAME};
-use modelspec::preprocess::{self, decode_batch, image_files, Source, DEFAULT_MAX_PIXELS};
+use modelspec::preprocess::{self, decode_batch, image_files, DecodeLimits, Source};
 use modelspec::ModelDescription;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -34,7 +34,7 @@ impl Samples {
         }
         files.truncate(max);
         let sources: Vec<Source> = files.iter().map(|f| Source::File(f)).collect();
-        let batch = decode_batch(&sources, desc.input_size as u32, &desc.preprocessing, DEFAULT_MAX_PIXELS);
+        let batch = decode_batch(&sources, desc.input_size as u32, &desc.preprocessing, &DecodeLimits::default());
         if let Some((i, e)) = batch.failed.first() {
             anyhow::bail!("sample {}: {e}", files[*i].display());
         }

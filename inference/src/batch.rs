@@ -4,7 +4,7 @@
 //! exporter's evaluation run.
 
 use crate::session::{OnnxModel, Prediction, SessionError};
-use modelspec::preprocess::{decode_batch, ImageError, Source, DEFAULT_MAX_PIXELS};
+use modelspec::preprocess::{decode_batch, DecodeLimits, ImageError, Source};
 use std::path::PathBuf;
 
 /// The outcome for a list of files.
@@ -23,7 +23,7 @@ pub fn predict_files(model: &mut OnnxModel, files: &[PathBuf], batch: usize) -> 
     let mut out = FilePredictions::default();
     for chunk in files.chunks(batch.max(1)) {
         let sources: Vec<Source> = chunk.iter().map(|f| Source::File(f)).collect();
-        let decoded = decode_batch(&sources, size, &prep, DEFAULT_MAX_PIXELS);
+        let decoded = decode_batch(&sources, size, &prep, &DecodeLimits::default());
         out.failed.extend(decoded.failed.into_iter().map(|(i, e)| (chunk[i].clone(), e)));
         if decoded.decoded.is_empty() {
             continue;

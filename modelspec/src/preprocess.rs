@@ -13,8 +13,68 @@ use std::collections::HashSet;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-/// Largest image accepted, in pixels (checked from the header, before decoding).
-pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+/// What one encoded image may cost to decode. Every image of every step goes through
+/// [`decode_rgb`] with these limits: the header's sizes are checked before anything is decoded,
+/// metadata chunks before the decoder sees them, and the decoders' own allocations are capped
+/// (`image::Limits`), so that no file, however crafted, makes a step allocate more than about
+/// [`DecodeLimits::max_alloc`] plus the resize's working buffers (see [`DecodeLimits::peak_bytes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Most pixels (width × height, from the header).
+    pub max_pixels: u64,
+    /// Longest side, pixels.
+    pub max_side: u32,
+    /// Largest ratio of the longer side to the shorter (a 40,000,000 x 1 image has a small pixel
+    /// count but makes a resize allocate for 40,000,000 x size).
+    pub max_aspect: u32,
+    /// Most bytes the decoder may hold at once: the decoded image (up to 8 bytes a pixel for
+    /// 16-bit RGBA) and metadata it inflates (ICC profiles, text).
+    pub max_alloc: u64,
+    /// Largest metadata chunk of a PNG or WebP file (ICC profile, text, EXIF, XMP), bytes as
+    /// stored: real photos carry a few KB; a large compressed chunk is a decompression bomb.
+    pub max_metadata_bytes: u64,
+}
+
+impl Default for DecodeLimits {
+    /// 40 Mpixels, 16,384 px a side, 32:1, 384 MiB, 1 MiB of metadata per chunk.
+    fn default() -> Self {
+        Self {
+            max_pixels: 40_000_000,
+            max_side: 16_384,
+            max_aspect: 32,
+            max_alloc: 384 << 20,
+            max_metadata_bytes: 1 << 20,
+        }
+    }
+}
+
+impl DecodeLimits {
+    /// The most memory one decode to a `size` x `size` input can take: the decoder's allowance,
+    /// the RGB copy of the largest image, and the resize's intermediate buffer (the longest side
+    /// by `size`, 4 floats a pixel).
+    pub fn peak_bytes(&self, size: u32) -> u64 {
+        self.max_alloc + 3 * self.max_pixels + 16 * u64::from(self.max_side) * u64::from(size)
+    }
+
+    /// Checks a header's sizes.
+    fn check(&self, width: u32, height: u32) -> Result<(), ImageError> {
+        let too_large = |reason: String| Err(ImageError::TooLarge { width, height, reason });
+        let (long, short) = (width.max(height), width.min(height));
+        if short == 0 {
+            return Err(ImageError::Decode(format!("{width}x{height}: the image has no pixels")));
+        }
+        if u64::from(width) * u64::from(height) > self.max_pixels {
+            return too_large(format!("more than the {} pixels allowed", self.max_pixels));
+        }
+        if long > self.max_side {
+            return too_large(format!("a side is longer than the {} pixels allowed", self.max_side));
+        }
+        if u64::from(long) > u64::from(short) * u64::from(self.max_aspect) {
+            return too_large(format!("the sides differ by more than the {}:1 allowed", self.max_aspect));
+        }
+        Ok(())
+    }
+}
 
 /// Why an image could not be turned into network input.
 #[derive(Debug, thiserror::Error)]
@@ -23,14 +83,50 @@ pub enum ImageError {
     Empty,
     #[error("not a supported image (JPEG, PNG, WebP): {0}")]
     Format(String),
-    #[error("{width}x{height} pixels is more than the {max} allowed")]
-    TooLarge { width: u32, height: u32, max: u64 },
+    #[error("{width}x{height} pixels: {reason}")]
+    TooLarge { width: u32, height: u32, reason: String },
+    #[error("metadata chunk `{chunk}` of {bytes} bytes is over the {max} bytes allowed")]
+    Metadata { chunk: String, bytes: u64, max: u64 },
+    #[error("decoding needs more than the {max} bytes allowed ({reason})")]
+    OverBudget { max: u64, reason: String },
     #[error("cannot decode image: {0}")]
     Decode(String),
     #[error("truncated JPEG: the data ends before the image's end-of-image marker")]
     Truncated,
     #[error("cannot read: {0}")]
     Read(#[from] std::io::Error),
+}
+
+/// The metadata chunks of a PNG (ancillary chunks: ICC profile, text, EXIF) or WebP (`ICCP`,
+/// `EXIF`, `XMP `) file larger than `max` bytes as stored, found by walking the chunk headers
+/// (nothing is decompressed). Other formats, and files cut short, pass: the decoder judges them.
+fn oversized_metadata(bytes: &[u8], max: u64) -> Option<(String, u64)> {
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as u64;
+    let le = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64;
+    let name = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    if let Some(mut rest) = bytes.strip_prefix(b"\x89PNG\r\n\x1a\n".as_slice()) {
+        while rest.len() >= 8 {
+            let (len, kind) = (be(&rest[..4]), &rest[4..8]);
+            // Ancillary chunks have a lower-case first letter.
+            if kind[0].is_ascii_lowercase() && len > max {
+                return Some((name(kind), len));
+            }
+            if kind == b"IEND" {
+                break;
+            }
+            rest = rest.get(12 + len as usize..)?;
+        }
+    } else if bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
+        let mut rest = &bytes[12..];
+        while rest.len() >= 8 {
+            let (kind, len) = (&rest[..4], le(&rest[4..8]));
+            if matches!(kind, b"ICCP" | b"EXIF" | b"XMP ") && len > max {
+                return Some((name(kind), len));
+            }
+            rest = rest.get(8 + (len as usize).next_multiple_of(2)..)?;
+        }
+    }
+    None
 }
 
 /// A JPEG whose last scan (the main image's; an EXIF thumbnail's come earlier) is not followed
@@ -47,30 +143,43 @@ fn jpeg_truncated(bytes: &[u8]) -> bool {
     }
 }
 
-/// Decodes an encoded image (JPEG, PNG, WebP) to RGB, refusing images of more than
-/// `max_pixels` pixels before decoding them.
-pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<image::RgbImage, ImageError> {
+/// Decodes an encoded image (JPEG, PNG, WebP; 8 or 16 bits, grey or colour, with or without
+/// alpha; the first frame of an animation) to 8-bit RGB within `limits`: sizes and metadata are
+/// checked before decoding, the decoder's allocations while it runs.
+pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<image::RgbImage, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
-    let reader = image::ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| ImageError::Format(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(ImageError::Format("unknown format".into()));
+    // The decoders' own limits: what they may allocate (the image, and metadata they inflate,
+    // such as an ICC profile), and, once the header has passed `limits.check`, its sides.
+    let reader = |sides: bool| -> Result<image::ImageReader<Cursor<&[u8]>>, ImageError> {
+        let mut r = image::ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| ImageError::Format(e.to_string()))?;
+        if r.format().is_none() {
+            return Err(ImageError::Format("unknown format".into()));
+        }
+        let mut l = image::Limits::default();
+        if sides {
+            (l.max_image_width, l.max_image_height) = (Some(limits.max_side), Some(limits.max_side));
+        }
+        l.max_alloc = Some(limits.max_alloc);
+        r.limits(l);
+        Ok(r)
+    };
+    if let Some((chunk, len)) = oversized_metadata(bytes, limits.max_metadata_bytes) {
+        return Err(ImageError::Metadata { chunk, bytes: len, max: limits.max_metadata_bytes });
     }
-    let (width, height) = reader.into_dimensions().map_err(|e| ImageError::Decode(e.to_string()))?;
-    if u64::from(width) * u64::from(height) > max_pixels {
-        return Err(ImageError::TooLarge { width, height, max: max_pixels });
-    }
+    let decode_error = |e: image::ImageError| match e {
+        image::ImageError::Limits(l) => ImageError::OverBudget { max: limits.max_alloc, reason: l.to_string() },
+        e => ImageError::Decode(e.to_string()),
+    };
+    let (width, height) = reader(false)?.into_dimensions().map_err(decode_error)?;
+    limits.check(width, height)?;
     if jpeg_truncated(bytes) {
         return Err(ImageError::Truncated);
     }
-    let mut reader = image::ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| ImageError::Format(e.to_string()))?;
-    reader.no_limits();
-    let img = reader.decode().map_err(|e| ImageError::Decode(e.to_string()))?;
+    let img = reader(true)?.decode().map_err(decode_error)?;
     Ok(img.to_rgb8())
 }
 
@@ -99,13 +208,18 @@ pub fn scale_pixels(pixels: &[u8], p: &Preprocessing) -> Vec<f32> {
 
 /// Encoded bytes → the resized RGB pixels [size, size, 3], HWC: what an exported ONNX graph
 /// (uint8 input) takes.
-pub fn resized_pixels(bytes: &[u8], size: u32, p: &Preprocessing, max_pixels: u64) -> Result<Vec<u8>, ImageError> {
-    Ok(resize(&decode_rgb(bytes, max_pixels)?, size, p).into_raw())
+pub fn resized_pixels(
+    bytes: &[u8],
+    size: u32,
+    p: &Preprocessing,
+    limits: &DecodeLimits,
+) -> Result<Vec<u8>, ImageError> {
+    Ok(resize(&decode_rgb(bytes, limits)?, size, p).into_raw())
 }
 
 /// The whole chain: encoded bytes → [size, size, 3] floats, HWC.
-pub fn preprocess(bytes: &[u8], size: u32, p: &Preprocessing, max_pixels: u64) -> Result<Vec<f32>, ImageError> {
-    let img = decode_rgb(bytes, max_pixels)?;
+pub fn preprocess(bytes: &[u8], size: u32, p: &Preprocessing, limits: &DecodeLimits) -> Result<Vec<f32>, ImageError> {
+    let img = decode_rgb(bytes, limits)?;
     Ok(to_input(&resize(&img, size, p), p))
 }
 
@@ -185,11 +299,11 @@ impl DecodedBatch {
 /// Reads (files), decodes and resizes `sources` to `size` x `size` in parallel: the loop every
 /// step runs to turn images into a batch for the network (the runtime's CLI and server, the
 /// exporter's samples and evaluation, the trainer's data).
-pub fn decode_batch(sources: &[Source], size: u32, p: &Preprocessing, max_pixels: u64) -> DecodedBatch {
+pub fn decode_batch(sources: &[Source], size: u32, p: &Preprocessing, limits: &DecodeLimits) -> DecodedBatch {
     let one = |s: &Source| -> Result<Vec<u8>, ImageError> {
         match s {
-            Source::File(path) => resized_pixels(&std::fs::read(path)?, size, p, max_pixels),
-            Source::Bytes(bytes) => resized_pixels(bytes, size, p, max_pixels),
+            Source::File(path) => resized_pixels(&std::fs::read(path)?, size, p, limits),
+            Source::Bytes(bytes) => resized_pixels(bytes, size, p, limits),
         }
     };
     // A single image is decoded on the calling thread (no pool hand-off for one request).
@@ -220,42 +334,22 @@ mod tests {
 
     #[test]
     fn bad_bytes_are_clear_errors() {
-        assert!(matches!(decode_rgb(b"", 100), Err(ImageError::Empty)));
-        assert!(matches!(decode_rgb(b"hello world", 100), Err(ImageError::Format(_))));
+        assert!(matches!(decode_rgb(b"", &DecodeLimits::default()), Err(ImageError::Empty)));
+        assert!(matches!(decode_rgb(b"hello world", &DecodeLimits::default()), Err(ImageError::Format(_))));
         // A PNG header claiming 50,000 x 50,000 pixels is refused before decoding.
-        fn crc32(bytes: &[u8]) -> u32 {
-            let mut c = !0u32;
-            for &b in bytes {
-                c ^= b as u32;
-                for _ in 0..8 {
-                    c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
-                }
-            }
-            !c
-        }
-        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-        let mut chunk = |kind: &[u8], data: &[u8]| {
-            png.extend_from_slice(&(data.len() as u32).to_be_bytes());
-            let body = [kind, data].concat();
-            png.extend_from_slice(&body);
-            png.extend_from_slice(&crc32(&body).to_be_bytes());
-        };
-        let ihdr = [&50_000u32.to_be_bytes()[..], &50_000u32.to_be_bytes(), &[8, 2, 0, 0, 0]].concat();
-        chunk(b"IHDR", &ihdr);
-        chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
-        chunk(b"IEND", &[]);
+        let png = png_header_only(50_000, 50_000);
         assert!(
-            matches!(decode_rgb(&png, DEFAULT_MAX_PIXELS), Err(ImageError::TooLarge { .. })),
+            matches!(decode_rgb(&png, &DecodeLimits::default()), Err(ImageError::TooLarge { .. })),
             "{:?}",
-            decode_rgb(&png, DEFAULT_MAX_PIXELS).err()
+            decode_rgb(&png, &DecodeLimits::default()).err()
         );
         // A JPEG cut in half decodes (grey rows) unless the missing end-of-image marker is noticed.
         let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 90]));
         let mut jpeg = Vec::new();
         img.write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
-        assert!(decode_rgb(&jpeg, DEFAULT_MAX_PIXELS).is_ok());
+        assert!(decode_rgb(&jpeg, &DecodeLimits::default()).is_ok());
         let cut = &jpeg[..jpeg.len() * 2 / 3];
-        assert!(matches!(decode_rgb(cut, DEFAULT_MAX_PIXELS), Err(ImageError::Truncated)));
+        assert!(matches!(decode_rgb(cut, &DecodeLimits::default()), Err(ImageError::Truncated)));
     }
 
     fn png(w: u32, h: u32) -> Vec<u8> {
@@ -292,11 +386,95 @@ mod tests {
         let (a, b) = (png(10, 7), png(3, 30));
         let missing = std::path::Path::new("/nonexistent/x.png");
         let sources = [Source::Bytes(&a), Source::Bytes(b"junk"), Source::File(missing), Source::Bytes(&b)];
-        let batch = decode_batch(&sources, 8, &Preprocessing::default(), DEFAULT_MAX_PIXELS);
+        let batch = decode_batch(&sources, 8, &Preprocessing::default(), &DecodeLimits::default());
         assert_eq!(batch.decoded, [0, 3]);
         assert_eq!(batch.pixels.len(), 2 * 8 * 8 * 3);
-        assert_eq!(batch.image(1), resized_pixels(&b, 8, &Preprocessing::default(), DEFAULT_MAX_PIXELS).unwrap());
+        assert_eq!(batch.image(1), resized_pixels(&b, 8, &Preprocessing::default(), &DecodeLimits::default()).unwrap());
         let failed: Vec<(usize, String)> = batch.failed.iter().map(|(i, e)| (*i, e.to_string())).collect();
         assert!(matches!(failed.as_slice(), [(1, _), (2, r)] if r.starts_with("cannot read")), "{failed:?}");
+    }
+
+    /// The CRC of a PNG chunk's type and data.
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in bytes {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    }
+
+    fn chunk(kind: &[u8], data: &[u8]) -> Vec<u8> {
+        let body = [kind, data].concat();
+        [&(data.len() as u32).to_be_bytes()[..], &body, &crc32(&body).to_be_bytes()].concat()
+    }
+
+    /// A PNG whose header claims `width` x `height` RGB pixels, with one tiny IDAT.
+    fn png_header_only(width: u32, height: u32) -> Vec<u8> {
+        let ihdr = [&width.to_be_bytes()[..], &height.to_be_bytes(), &[8, 2, 0, 0, 0]].concat();
+        let idat = [0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01];
+        [&b"\x89PNG\r\n\x1a\n"[..], &chunk(b"IHDR", &ihdr), &chunk(b"IDAT", &idat), &chunk(b"IEND", &[])].concat()
+    }
+
+    /// A real 8x8 PNG with `extra` inserted right after its header chunk.
+    fn png_with(extra: &[u8]) -> Vec<u8> {
+        let good = png(8, 8);
+        let after_ihdr = 8 + 25;
+        [&good[..after_ihdr], extra, &good[after_ihdr..]].concat()
+    }
+
+    /// Regression: a 38 KB PNG of 40,000,000 x 1 pixels passed the pixel count and made the
+    /// resize ask for 96 GB (the process aborted). Long sides and extreme aspect ratios are
+    /// refused from the header now.
+    #[test]
+    fn long_thin_images_are_refused_before_decoding() {
+        let l = DecodeLimits::default();
+        for (w, h, why) in [(40_000_000, 1, "longer than"), (1, 40_000_000, "longer than"), (10_000, 100, "32:1")] {
+            match decode_rgb(&png_header_only(w, h), &l) {
+                Err(e @ ImageError::TooLarge { .. }) => assert!(e.to_string().contains(why), "{e}"),
+                other => panic!("{w}x{h}: {other:?}"),
+            }
+        }
+        assert!(matches!(decode_rgb(&png_header_only(0, 5), &l), Err(ImageError::Decode(_))));
+        // The same shapes within the limits decode.
+        let wide = image::RgbImage::from_pixel(320, 10, image::Rgb([1, 2, 3]));
+        let mut bytes = Vec::new();
+        wide.write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+        assert_eq!(decode_rgb(&bytes, &l).unwrap().dimensions(), (320, 10));
+    }
+
+    /// Regression: a 3 MB PNG whose ICC profile inflated to 3 GB was decoded (3.3 GB resident,
+    /// 11 s of CPU). Metadata chunks over the stored-size limit are refused unread.
+    #[test]
+    fn metadata_bombs_are_refused_or_bounded() {
+        let l = DecodeLimits::default();
+        let big = vec![0u8; l.max_metadata_bytes as usize + 1];
+        for kind in [b"iCCP", b"zTXt", b"iTXt", b"eXIf"] {
+            let e = decode_rgb(&png_with(&chunk(kind, &big)), &l).unwrap_err();
+            assert!(matches!(e, ImageError::Metadata { ref chunk, .. } if chunk.as_bytes() == kind), "{e}");
+        }
+        // WebP's metadata chunks likewise (the RIFF walk stops at the oversized one).
+        let webp = [&b"RIFF\0\0\0\0WEBPICCP"[..], &(big.len() as u32).to_le_bytes(), &big].concat();
+        assert!(matches!(decode_rgb(&webp, &l), Err(ImageError::Metadata { .. })));
+        // What a smaller chunk inflates to is bounded: tests/decode_memory.rs.
+    }
+
+    /// 16-bit and grey images become 8-bit RGB like any other.
+    #[test]
+    fn sixteen_bit_and_grey_images_decode() {
+        let l = DecodeLimits::default();
+        let img16 = image::ImageBuffer::<image::Rgba<u16>, _>::from_pixel(5, 4, image::Rgba([65535, 0, 32768, 65535]));
+        let mut bytes = Vec::new();
+        image::DynamicImage::ImageRgba16(img16)
+            .write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png)
+            .unwrap();
+        let rgb = decode_rgb(&bytes, &l).unwrap();
+        assert_eq!(rgb.get_pixel(0, 0).0, [255, 0, 128]);
+        let grey = image::GrayImage::from_pixel(3, 3, image::Luma([77]));
+        let mut bytes = Vec::new();
+        grey.write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+        assert_eq!(decode_rgb(&bytes, &l).unwrap().get_pixel(1, 1).0, [77, 77, 77]);
     }
 }

@@ -1,7 +1,7 @@
 //! Our bilinear resize against PIL's (the resize Keras uses), on the four footwear images of
 //! `../shared/fixtures/preprocess` (computed with PIL): within a couple of grey levels on average.
 
-use modelspec::preprocess::{decode_rgb, resize, DEFAULT_MAX_PIXELS};
+use modelspec::preprocess::{decode_rgb, resize, DecodeLimits};
 use modelspec::Preprocessing;
 
 #[test]
@@ -16,7 +16,7 @@ fn resize_is_close_to_pil_bilinear() {
         for (i, f) in files.lines().filter(|l| !l.trim().is_empty()).enumerate() {
             let path = testkit::footwear().join(f.trim().trim_start_matches("footwear/"));
             let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            let img = resize(&decode_rgb(&bytes, DEFAULT_MAX_PIXELS).unwrap(), size, &Preprocessing::default());
+            let img = resize(&decode_rgb(&bytes, &DecodeLimits::default()).unwrap(), size, &Preprocessing::default());
             let ours: Vec<f32> = img.as_raw().iter().map(|&v| v as f32).collect();
             let mean =
                 ours.iter().zip(&pil[i * per..(i + 1) * per]).map(|(a, b)| (a - b).abs()).sum::<f32>() / per as f32;

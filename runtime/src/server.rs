@@ -29,8 +29,8 @@ pub struct ServeConfig {
     pub timeout: Duration,
     /// Largest request body, bytes.
     pub max_body_bytes: usize,
-    /// Largest image, pixels (checked from the header, before decoding).
-    pub max_pixels: u64,
+    /// What one image may cost to decode (sizes, metadata, allocations).
+    pub limits: preprocess::DecodeLimits,
     /// Required `Authorization: Bearer` token, if any (health and the page stay open).
     pub token: Option<String>,
     pub top_k: usize,
@@ -43,7 +43,7 @@ impl Default for ServeConfig {
             batch: BatchConfig::default(),
             timeout: Duration::from_secs(30),
             max_body_bytes: 16 << 20,
-            max_pixels: preprocess::DEFAULT_MAX_PIXELS,
+            limits: preprocess::DecodeLimits::default(),
             token: None,
             top_k: 3,
             threshold: 0.0,
@@ -94,7 +94,7 @@ struct ErrorCode(&'static str);
 
 fn image_error(part: &str, e: ImageError) -> ApiError {
     match e {
-        ImageError::TooLarge { .. } => {
+        ImageError::TooLarge { .. } | ImageError::Metadata { .. } | ImageError::OverBudget { .. } => {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "image_too_large", format!("{part}: {e}"))
         }
         _ => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_image", format!("{part}: {e}")),
@@ -118,10 +118,10 @@ impl AppState {
     /// Decodes and resizes images off the async threads; the first image that cannot be read
     /// fails the request, naming its part.
     async fn to_pixels(&self, parts: Vec<(String, Bytes)>) -> Result<(Vec<String>, Vec<u8>), ApiError> {
-        let (size, prep, max) = (self.size as u32, self.preprocessing.clone(), self.cfg.max_pixels);
+        let (size, prep, max) = (self.size as u32, self.preprocessing.clone(), self.cfg.limits);
         tokio::task::spawn_blocking(move || {
             let sources: Vec<Source> = parts.iter().map(|(_, bytes)| Source::Bytes(bytes)).collect();
-            let mut batch = preprocess::decode_batch(&sources, size, &prep, max);
+            let mut batch = preprocess::decode_batch(&sources, size, &prep, &max);
             if let Some((i, e)) = batch.failed.drain(..).next() {
                 return Err(image_error(&parts[i].0, e));
             }

@@ -4,7 +4,7 @@
 //! folder walk and its one batch loop) and kept as 8-bit RGB at the input size.
 
 use indicatif::{ProgressBar, ProgressStyle};
-use modelspec::preprocess::{decode_batch, image_files, Source, DEFAULT_MAX_PIXELS};
+use modelspec::preprocess::{decode_batch, image_files, DecodeLimits, Source};
 use modelspec::Preprocessing;
 use std::path::{Path, PathBuf};
 
@@ -149,7 +149,7 @@ pub fn load(
     // In chunks, so that the progress bar moves and only one chunk of encoded files is in memory.
     for chunk in samples.chunks(256) {
         let sources: Vec<Source> = chunk.iter().map(|s| Source::File(&s.path)).collect();
-        let batch = decode_batch(&sources, size as u32, prep, DEFAULT_MAX_PIXELS);
+        let batch = decode_batch(&sources, size as u32, prep, &DecodeLimits::default());
         if let Some((i, e)) = batch.failed.first().filter(|_| strict) {
             return Err(DataError::Unreadable { path: chunk[*i].path.clone(), reason: e.to_string() });
         }
