@@ -104,6 +104,23 @@ fn png_header(w: u32, h: u32) -> Vec<u8> {
     png
 }
 
+/// Sends only the headers of a POST declaring an `n`-byte body, with `token`, and reads the
+/// status line: a server that checks the token first answers without waiting for the body.
+fn headers_only(url: &str, token: &str, n: usize) -> std::io::Result<String> {
+    use std::io::Write;
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "POST /v1/predict HTTP/1.1\r\nHost: {addr}\r\nContent-Type: image/jpeg\r\n\
+         Authorization: Bearer {token}\r\nContent-Length: {n}\r\n\r\n"
+    )?;
+    let mut status = String::new();
+    BufReader::new(s).read_line(&mut status)?;
+    Ok(status)
+}
+
 /// POSTs `n` zero bytes to /v1/predict over a plain socket, writing the whole body before
 /// reading anything; returns the answer's status line.
 fn post_all_then_read(url: &str, n: usize) -> std::io::Result<String> {
@@ -230,6 +247,9 @@ fn server_labels_real_photos_and_answers_every_bad_input_with_a_json_4xx() {
     // buffer) still gets the 413, not a reset connection.
     let status = post_all_then_read(&server.url, 8 << 20).expect("the 413 of an 8 MiB body");
     assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+    // The token is checked before any body is read: a wrong one is answered at once.
+    let status = headers_only(&server.url, "wrong", 8 << 20).expect("a 401 before the body");
+    assert!(status.starts_with("HTTP/1.1 401"), "{status}");
     let infer = |model: &str, body: &str| {
         json(
             c.post(url(&format!("/v2/models/{model}/infer")))
@@ -526,4 +546,58 @@ fn runtime_has_no_candle_in_its_dependency_tree() {
     assert!(tree.contains("ort v2.0.0-rc.15") && tree.contains("modelspec"), "{tree}");
     let candle: Vec<&str> = tree.lines().filter(|l| l.starts_with("candle")).collect();
     assert!(candle.is_empty(), "the runtime depends on {candle:?}");
+}
+
+/// Overload and limits: a request beyond --max-inflight is answered 503 with Retry-After before
+/// its body is read, and the server goes on; more images than --max-images in one request is a
+/// 413; an empty token is refused at start.
+#[test]
+fn overload_is_shed_with_503_and_per_request_limits_hold() {
+    let t = trained();
+    let photos = test_photos(&t.data, 3);
+    let server = Server::start(
+        &t.onnx,
+        &["--max-inflight", "1", "--max-batch", "8", "--max-delay-ms", "3000", "--max-images", "2"],
+    );
+    let c = client();
+    let u = format!("{}/v1/predict", server.url);
+    let jpeg = std::fs::read(&photos[0].0).unwrap();
+    std::thread::scope(|sc| {
+        // Holds the only admission slot for about 3 s (its batch waits for more images).
+        let first =
+            sc.spawn(|| json(c.post(&u).header("Content-Type", "image/jpeg").body(jpeg.clone()).send().unwrap()));
+        std::thread::sleep(Duration::from_millis(800));
+        let r = c.post(&u).header("Content-Type", "image/jpeg").body(jpeg.clone()).send().unwrap();
+        assert_eq!(r.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+        let (s, v) = json(r);
+        assert_eq!((s, v["code"].as_str()), (503, Some("overloaded")), "{v}");
+        // Health is never shed.
+        assert_eq!(json(client().get(format!("{}/v2/health/ready", server.url)).send().unwrap()).0, 200);
+        let (s, v) = first.join().unwrap();
+        assert_eq!(s, 200, "{v}");
+    });
+    // Three images where two are allowed, as multipart parts and as a v2 tensor.
+    let mut form = multipart::Form::new();
+    for (i, (f, _)) in photos.iter().enumerate() {
+        form = form
+            .part(format!("image{i}"), multipart::Part::bytes(std::fs::read(f).unwrap()).file_name(format!("{i}.jpg")));
+    }
+    let (s, v) = json(c.post(&u).multipart(form).send().unwrap());
+    assert_eq!((s, v["code"].as_str()), (413, Some("too_many_images")), "{v}");
+    let req = r#"{"inputs": [{"name": "image", "shape": [3, 96, 96, 3], "datatype": "UINT8", "data": [0]}]}"#;
+    let (s, v) = json(
+        c.post(format!("{}/v2/models/footwear/infer", server.url))
+            .header("Content-Type", "application/json")
+            .body(req)
+            .send()
+            .unwrap(),
+    );
+    assert_eq!((s, v["code"].as_str()), (413, Some("too_many_images")), "{v}");
+    let m = c.get(format!("{}/metrics", server.url)).send().unwrap().text().unwrap();
+    assert!(m.contains("code=\"overloaded\"} 1"), "{m}");
+    assert!(server.stop().success());
+
+    let out = Command::new(footwear_bin()).args(["serve", "--token", "", "-m"]).arg(&t.onnx).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && err.contains("empty"), "{:?}: {err}", out.status);
 }

@@ -4,7 +4,7 @@
 //! as one batch and answers every request with its own rows.
 
 use crate::metrics::BatchObserver;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use inference::{OnnxModel, Prediction};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,19 @@ pub struct BatchConfig {
     pub max_batch: usize,
     /// Longest the first request of a batch waits for more.
     pub max_delay: Duration,
+    /// Most requests waiting for a session; a request beyond it is refused at once.
+    pub max_queue: usize,
+}
+
+/// Why a request got no predictions.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SubmitError {
+    #[error("{0} requests are already waiting for a session")]
+    QueueFull(usize),
+    #[error("the sessions have stopped")]
+    Stopped,
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl BatchConfig {
@@ -43,11 +56,17 @@ impl BatchConfig {
     pub const DEFAULT_MAX_BATCH: usize = 2;
     /// Milliseconds a batch waits for more requests by default.
     pub const DEFAULT_MAX_DELAY_MS: u64 = 5;
+    /// Requests that may wait for a session by default.
+    pub const DEFAULT_MAX_QUEUE: usize = 32;
 }
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { max_batch: Self::DEFAULT_MAX_BATCH, max_delay: Duration::from_millis(Self::DEFAULT_MAX_DELAY_MS) }
+        Self {
+            max_batch: Self::DEFAULT_MAX_BATCH,
+            max_delay: Duration::from_millis(Self::DEFAULT_MAX_DELAY_MS),
+            max_queue: Self::DEFAULT_MAX_QUEUE,
+        }
     }
 }
 
@@ -60,7 +79,7 @@ pub struct Batcher {
 impl Batcher {
     /// Starts one worker thread per session; `observe` hears of every batch run.
     pub fn start(sessions: Vec<OnnxModel>, config: BatchConfig, observe: BatchObserver) -> Self {
-        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(config.max_queue.max(1));
         for (i, model) in sessions.into_iter().enumerate() {
             let (rx, observe) = (rx.clone(), observe.clone());
             std::thread::Builder::new()
@@ -76,13 +95,18 @@ impl Batcher {
         self.rx.len()
     }
 
-    /// Queues `n` images (`pixels`: n · size · size · 3 bytes) and waits for their predictions.
-    pub async fn submit(&self, pixels: Vec<u8>, n: usize) -> Result<Batched, String> {
+    /// Queues `n` images (`pixels`: n · size · size · 3 bytes) and waits for their predictions;
+    /// refused at once when the queue is full.
+    pub async fn submit(&self, pixels: Vec<u8>, n: usize) -> Result<Batched, SubmitError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(Job { pixels, n, enqueued: Instant::now(), reply })
-            .map_err(|_| "the sessions have stopped".to_string())?;
-        answer.await.map_err(|_| "the session dropped the request".to_string())?
+        self.tx.try_send(Job { pixels, n, enqueued: Instant::now(), reply }).map_err(|e| match e {
+            TrySendError::Full(_) => SubmitError::QueueFull(self.tx.capacity().unwrap_or(0)),
+            TrySendError::Disconnected(_) => SubmitError::Stopped,
+        })?;
+        answer
+            .await
+            .map_err(|_| SubmitError::Failed("the session dropped the request".into()))?
+            .map_err(SubmitError::Failed)
     }
 }
 

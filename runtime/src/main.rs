@@ -110,6 +110,19 @@ struct ServeArgs {
     /// Longest a batch waits for more requests, milliseconds.
     #[arg(long, default_value_t = BatchConfig::DEFAULT_MAX_DELAY_MS)]
     max_delay_ms: u64,
+    /// Most requests waiting for a session; one more gets 503 with Retry-After.
+    #[arg(long, default_value_t = BatchConfig::DEFAULT_MAX_QUEUE)]
+    max_queue: usize,
+    /// Most inference requests in the server at once (reading, decoding, queued, running); one
+    /// more gets 503 with Retry-After before its body is read.
+    #[arg(long, default_value_t = ServeConfig::DEFAULT_MAX_INFLIGHT)]
+    max_inflight: usize,
+    /// Most images decoded at once [default: one per core].
+    #[arg(long)]
+    max_decodes: Option<usize>,
+    /// Most images in one request.
+    #[arg(long, default_value_t = ServeConfig::DEFAULT_MAX_IMAGES)]
+    max_images: usize,
     /// Per-request timeout, seconds.
     #[arg(long, default_value_t = 30)]
     timeout_s: u64,
@@ -262,12 +275,30 @@ async fn shutdown_signal() {
 fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
     // A long-running server trades a little speed for a resident size that does not ratchet up.
     tune_malloc();
-    if a.sessions == 0 || a.max_batch == 0 {
-        bail!("--sessions and --max-batch must be at least 1");
+    for (flag, v) in [
+        ("--sessions", a.sessions),
+        ("--max-batch", a.max_batch),
+        ("--max-queue", a.max_queue),
+        ("--max-inflight", a.max_inflight),
+        ("--max-images", a.max_images),
+        ("--max-decodes", a.max_decodes.unwrap_or(1)),
+    ] {
+        if v == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    if a.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        bail!("--token (or FOOTWEAR_TOKEN) is empty: an empty token would protect nothing; give a secret or leave it unset");
     }
     let sessions = (0..a.sessions).map(|_| load(&a.model, true)).collect::<anyhow::Result<Vec<_>>>()?;
     let cfg = ServeConfig {
-        batch: BatchConfig { max_batch: a.max_batch, max_delay: Duration::from_millis(a.max_delay_ms) },
+        batch: BatchConfig {
+            max_batch: a.max_batch,
+            max_delay: Duration::from_millis(a.max_delay_ms),
+            max_queue: a.max_queue,
+        },
+        max_inflight: a.max_inflight,
+        max_images: a.max_images,
         timeout: Duration::from_secs(a.timeout_s),
         max_body_bytes: a.max_body_mib << 20,
         token: a.token.clone(),
@@ -275,6 +306,7 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
         threshold: a.threshold,
         ..ServeConfig::default()
     };
+    let cfg = ServeConfig { max_decodes: a.max_decodes.unwrap_or(cfg.max_decodes), ..cfg };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         let addr = format!("{}:{}", a.host, a.port);

@@ -3,7 +3,7 @@
 //! `{"error": "...", "code": "..."}` with a 4xx/5xx status (the v2 protocol's error shape, plus a
 //! machine-readable code); no panic reaches a client.
 
-use crate::batcher::{BatchConfig, Batched, Batcher};
+use crate::batcher::{BatchConfig, Batched, Batcher, SubmitError};
 use crate::metrics::Metrics;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -33,6 +34,13 @@ pub struct ServeConfig {
     pub limits: preprocess::DecodeLimits,
     /// Required `Authorization: Bearer` token, if any (health and the page stay open).
     pub token: Option<String>,
+    /// Most images in one request (multipart parts, or N of a v2 tensor).
+    pub max_images: usize,
+    /// Most inference requests admitted at once (reading their body, decoding, queued or
+    /// running); one more is answered 503 with `Retry-After` before its body is read.
+    pub max_inflight: usize,
+    /// Most images decoded at once (each may take `limits.peak_bytes(size)`).
+    pub max_decodes: usize,
     pub top_k: usize,
     pub threshold: f32,
 }
@@ -45,10 +53,18 @@ impl Default for ServeConfig {
             max_body_bytes: 16 << 20,
             limits: preprocess::DecodeLimits::default(),
             token: None,
+            max_images: Self::DEFAULT_MAX_IMAGES,
+            max_inflight: Self::DEFAULT_MAX_INFLIGHT,
+            max_decodes: std::thread::available_parallelism().map_or(2, |n| n.get()),
             top_k: 3,
             threshold: 0.0,
         }
     }
+}
+
+impl ServeConfig {
+    pub const DEFAULT_MAX_IMAGES: usize = 16;
+    pub const DEFAULT_MAX_INFLIGHT: usize = 32;
 }
 
 /// What the handlers share.
@@ -61,6 +77,10 @@ pub struct AppState {
     preprocessing: modelspec::Preprocessing,
     cfg: ServeConfig,
     metrics: Metrics,
+    /// Permits of the inference requests admitted ([`ServeConfig::max_inflight`]).
+    inflight: Arc<Semaphore>,
+    /// Permits of the decodes running ([`ServeConfig::max_decodes`]).
+    decodes: Arc<Semaphore>,
 }
 
 /// An error answer.
@@ -78,11 +98,25 @@ impl ApiError {
     fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
+    /// 503 with `Retry-After`: the server is full, the request was not started.
+    fn overloaded(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
+    }
+    fn too_many_images(n: usize, max: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_images",
+            format!("{n} images in one request; at most {max} (--max-images)"),
+        )
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, Json(json!({"error": self.message, "code": self.code}))).into_response();
+        if self.code == "overloaded" {
+            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
         r.extensions_mut().insert(ErrorCode(self.code));
         r
     }
@@ -119,6 +153,8 @@ impl AppState {
     /// fails the request, naming its part.
     async fn to_pixels(&self, parts: Vec<(String, Bytes)>) -> Result<(Vec<String>, Vec<u8>), ApiError> {
         let (size, prep, max) = (self.size as u32, self.preprocessing.clone(), self.cfg.limits);
+        // Waits for a decode slot: decodes, not requests, are what take memory and cores.
+        let _permit = self.decodes.clone().acquire_owned().await.map_err(|_| ApiError::overloaded("shutting down"))?;
         tokio::task::spawn_blocking(move || {
             let sources: Vec<Source> = parts.iter().map(|(_, bytes)| Source::Bytes(bytes)).collect();
             let mut batch = preprocess::decode_batch(&sources, size, &prep, &max);
@@ -142,7 +178,10 @@ impl AppState {
                     format!("no answer within {:?}; the server is overloaded, retry later", self.cfg.timeout),
                 )
             })?
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference_failed", e))?;
+            .map_err(|e| match e {
+                SubmitError::QueueFull(_) => ApiError::overloaded(format!("{e}; retry later")),
+                e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference_failed", e.to_string()),
+            })?;
         self.metrics.queued_for(b.queue);
         Ok(b)
     }
@@ -178,6 +217,10 @@ async fn predict(
         let mut mp = Multipart::from_request(req, &()).await.map_err(|e| body_error(e.status(), e, limit))?;
         let mut parts = Vec::new();
         while let Some(field) = mp.next_field().await.map_err(|e| body_error(e.status(), e, limit))? {
+            // Counted as they come: a request of many tiny parts stops at the limit.
+            if parts.len() == s.cfg.max_images {
+                return Err(ApiError::too_many_images(parts.len() + 1, s.cfg.max_images));
+            }
             let name = field
                 .file_name()
                 .or(field.name())
@@ -200,8 +243,8 @@ async fn predict(
             format!("content type `{ctype}` is not an image; send {IMAGE_TYPES}"),
         ));
     };
-    if parts.len() > s.cfg.batch.max_batch.max(64) {
-        return Err(ApiError::bad_request("too_many_images", format!("{} images in one request", parts.len())));
+    if parts.len() > s.cfg.max_images {
+        return Err(ApiError::too_many_images(parts.len(), s.cfg.max_images));
     }
     let (names, pixels) = s.to_pixels(parts).await?;
     let decoded = t0.elapsed();
@@ -351,8 +394,8 @@ async fn v2_infer(
             ))
         }
     };
-    if n > s.cfg.batch.max_batch.max(64) {
-        return Err(ApiError::bad_request("too_many_images", format!("{n} images in one request")));
+    if n > s.cfg.max_images {
+        return Err(ApiError::too_many_images(n, s.cfg.max_images));
     }
     let mut pixels = Vec::with_capacity(n * s.size * s.size * 3);
     flatten_pixels(&input.data, &mut pixels)
@@ -460,12 +503,19 @@ async fn reject_oversized(State(s): State<Arc<AppState>>, req: Request, next: Ne
     body_error(StatusCode::PAYLOAD_TOO_LARGE, "", limit).into_response()
 }
 
-/// The bearer token, when one is set.
+/// Whether a path needs the token: inference and model metadata do; the page, health, server
+/// metadata, metrics and unknown paths do not.
+fn protected(path: &str) -> bool {
+    path.starts_with("/v1/") || path.starts_with("/v2/models/")
+}
+
+/// The bearer token, when one is set, checked before anything reads the body (an unknown client
+/// cannot make the server read or drain one), in constant time.
 async fn authorize(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request, next: Next) -> Response {
-    if let Some(token) = &s.cfg.token {
+    if let Some(token) = s.cfg.token.as_deref().filter(|_| protected(req.uri().path())) {
         let given =
             headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(token.as_str()) {
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -475,6 +525,24 @@ async fn authorize(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Requ
         }
     }
     next.run(req).await
+}
+
+/// Equality whose time depends on the lengths only, not on where the bytes differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Admits an inference request if fewer than `max_inflight` are in the server, else answers 503
+/// with `Retry-After` at once, before its body is read; the permit lives as long as the request.
+async fn admit(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    match s.inflight.clone().try_acquire_owned() {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => ApiError::overloaded(format!(
+            "{} requests are already being served (--max-inflight); retry later",
+            s.cfg.max_inflight
+        ))
+        .into_response(),
+    }
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -490,14 +558,18 @@ pub fn app(sessions: Vec<OnnxModel>, cfg: ServeConfig) -> Router {
     let (size, preprocessing) = (d.input_size, d.preprocessing.clone());
     let metrics = Metrics::new();
     let batcher = Batcher::start(sessions, cfg.batch, metrics.batch_observer());
-    let state = Arc::new(AppState { name, version, classes, size, preprocessing, metrics, batcher, cfg });
-    let protected = Router::new()
+    let (inflight, decodes) = (Arc::new(Semaphore::new(cfg.max_inflight)), Arc::new(Semaphore::new(cfg.max_decodes)));
+    let state =
+        Arc::new(AppState { name, version, classes, size, preprocessing, metrics, batcher, cfg, inflight, decodes });
+    let inference = Router::new()
         .route("/v1/predict", post(predict))
+        .route("/v2/models/{name}/infer", post(v2_infer))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admit));
+    let protected = Router::new()
         .route("/v2/models/{name}", get(v2_model))
         .route("/v2/models/{name}/versions/{version}", get(v2_model))
         .route("/v2/models/{name}/ready", get(v2_model_ready))
-        .route("/v2/models/{name}/infer", post(v2_infer))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+        .merge(inference);
     Router::new()
         .route("/", get(page))
         .route("/v2", get(v2_server))
@@ -507,6 +579,7 @@ pub fn app(sessions: Vec<OnnxModel>, cfg: ServeConfig) -> Router {
         .merge(protected)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), reject_oversized))
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
