@@ -489,7 +489,7 @@ fn web_page_in_headless_chromium_uploads_a_photo_and_shows_its_label() {
         .arg(format!("--port={port}"))
         .stdout(Stdio::null())
         .spawn()
-        .expect("chromedriver (Debian's chromium-driver; .ci/run installs it)");
+        .expect("chromedriver (Debian's chromium-driver; scripts/setup-system.sh test installs it)");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let shown = rt.block_on(async {
         let caps: serde_json::Map<String, Value> = serde_json::from_value(serde_json::json!({

@@ -219,15 +219,22 @@ impl OnnxModel {
         }
         .map_err(|e| SessionError::Input(e.to_string()))?;
         let input_name = self.session.inputs()[0].name().to_string();
+        // Checked after every run: a file whose graph disagrees with its metadata must not
+        // hand out rows of the wrong length.
+        let k = self.classes().len();
         let outputs =
             self.session.run(ort::inputs![input_name => input]).map_err(|e| SessionError::Run(e.to_string()))?;
         let get = |name: &str| -> Result<Vec<f32>, SessionError> {
             let v = outputs.get(name).ok_or_else(|| SessionError::Run(format!("no output `{name}`")))?;
-            let (_, data) = v.try_extract_tensor::<f32>().map_err(|e| SessionError::Run(format!("{name}: {e}")))?;
+            let (shape, data) = v.try_extract_tensor::<f32>().map_err(|e| SessionError::Run(format!("{name}: {e}")))?;
+            if **shape != [n as i64, k as i64] || data.len() != n * k {
+                return Err(SessionError::Run(format!(
+                    "output `{name}` has shape {shape:?}; expected [{n}, {k}] ({n} images, {k} classes)"
+                )));
+            }
             Ok(data.to_vec())
         };
         let (logits, probs) = (get(LOGITS_NAME)?, get(PROBABILITIES_NAME)?);
-        let k = logits.len() / n;
         Ok((0..n)
             .map(|i| Prediction {
                 logits: logits[i * k..(i + 1) * k].to_vec(),

@@ -32,8 +32,19 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 15))
 }
 
-/// Called once per inference batch with its size and its time in ONNX Runtime.
-pub type BatchObserver = Arc<dyn Fn(usize, Duration) + Send + Sync>;
+/// What the batcher reports about each batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BatchEvent {
+    /// A batch of `images` ran in `time` in ONNX Runtime.
+    Ran { images: usize, time: Duration },
+    /// A batch failed (an ONNX Runtime error, a panic, a wrong number of rows).
+    Failed,
+    /// A batch's run panicked (also reported as [`BatchEvent::Failed`]).
+    Panicked,
+}
+
+/// Called by the batcher for every [`BatchEvent`].
+pub type BatchObserver = Arc<dyn Fn(BatchEvent) + Send + Sync>;
 
 pub struct Metrics {
     registry: Registry,
@@ -44,6 +55,8 @@ pub struct Metrics {
     queue: Histogram,
     inference: Histogram,
     queued: Gauge,
+    failed_batches: Counter,
+    panics: Counter,
 }
 
 impl Default for Metrics {
@@ -62,6 +75,7 @@ impl Metrics {
         let queue = latency_histogram();
         let inference = latency_histogram();
         let queued = Gauge::default();
+        let (failed_batches, panics) = (Counter::default(), Counter::default());
         registry.register("http_requests", "HTTP requests by endpoint and status", requests.clone());
         registry.register("http_errors", "Error answers by endpoint and error code", errors.clone());
         registry.register("http_request_duration_seconds", "Request latency", latency.clone());
@@ -69,7 +83,9 @@ impl Metrics {
         registry.register("queue_seconds", "Time a request waited for its batch", queue.clone());
         registry.register("inference_seconds", "ONNX Runtime time per batch", inference.clone());
         registry.register("queued_requests", "Requests waiting for a session", queued.clone());
-        Self { registry, requests, errors, latency, batch_size, queue, inference, queued }
+        registry.register("failed_batches", "Inference batches that failed (error or panic)", failed_batches.clone());
+        registry.register("session_panics", "Inference batches whose run panicked", panics.clone());
+        Self { registry, requests, errors, latency, batch_size, queue, inference, queued, failed_batches, panics }
     }
 
     pub fn request(&self, endpoint: &str, status: u16, latency: Duration, error_code: Option<&str>) {
@@ -81,12 +97,22 @@ impl Metrics {
         self.latency.get_or_create(&EndpointLabels { endpoint }).observe(latency.as_secs_f64());
     }
 
-    /// What the batcher reports once per batch it runs: its images and its time in ONNX Runtime.
+    /// What the batcher reports once per batch: its images and its time in ONNX Runtime, or
+    /// its failure.
     pub fn batch_observer(&self) -> BatchObserver {
         let (size, inference) = (self.batch_size.clone(), self.inference.clone());
-        Arc::new(move |n, t| {
-            size.observe(n as f64);
-            inference.observe(t.as_secs_f64());
+        let (failed, panics) = (self.failed_batches.clone(), self.panics.clone());
+        Arc::new(move |e| match e {
+            BatchEvent::Ran { images, time } => {
+                size.observe(images as f64);
+                inference.observe(time.as_secs_f64());
+            }
+            BatchEvent::Failed => {
+                failed.inc();
+            }
+            BatchEvent::Panicked => {
+                panics.inc();
+            }
         })
     }
 

@@ -291,8 +291,11 @@ async fn v2_live() -> Json<Value> {
     Json(json!({"live": true}))
 }
 
-async fn v2_ready() -> Json<Value> {
-    Json(json!({"ready": true}))
+/// Ready while at least one session worker runs.
+async fn v2_ready(State(s): State<Arc<AppState>>) -> Response {
+    let live = s.batcher.live();
+    let status = if live > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({"ready": live > 0, "live_sessions": live}))).into_response()
 }
 
 async fn v2_model(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
@@ -313,7 +316,7 @@ async fn v2_model(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> R
 
 async fn v2_model_ready(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
     check_model(&s, &name)?;
-    Ok(Json(json!({"name": s.name, "ready": true})))
+    Ok(Json(json!({"name": s.name, "ready": s.batcher.live() > 0})))
 }
 
 #[derive(Deserialize)]
