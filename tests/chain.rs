@@ -601,3 +601,72 @@ fn overload_is_shed_with_503_and_per_request_limits_hold() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.code() == Some(1) && err.contains("empty"), "{:?}: {err}", out.status);
 }
+
+/// Slow clients: headers that never end are cut off by --header-timeout-s, a body that stops
+/// arriving gets a 408 after --body-timeout-s, and a body that trickles in steadily a 408 after
+/// --request-timeout-s; the server answers a good request afterwards.
+#[test]
+fn slow_clients_are_timed_out() {
+    use std::io::{Read, Write};
+    let t = trained();
+    let server = Server::start(
+        &t.onnx,
+        &["--header-timeout-s", "1", "--body-timeout-s", "1", "--request-timeout-s", "3", "--timeout-s", "30"],
+    );
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let connect = || {
+        let s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    let head = |n: usize| {
+        format!("POST /v1/predict HTTP/1.1\r\nHost: {addr}\r\nContent-Type: image/jpeg\r\nContent-Length: {n}\r\n\r\n")
+    };
+
+    // Headers that never end: the connection is closed (hyper may answer 408 first).
+    let mut s = connect();
+    let started = Instant::now();
+    s.write_all(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(started.elapsed() < Duration::from_secs(5), "open after {:?}", started.elapsed());
+    assert!(got.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+
+    // A body that stops arriving.
+    let mut s = connect();
+    let started = Instant::now();
+    s.write_all(head(1000).as_bytes()).unwrap();
+    s.write_all(&[0u8; 10]).unwrap();
+    let mut status = String::new();
+    BufReader::new(&s).read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 408"), "{status}");
+    assert!(started.elapsed() < Duration::from_secs(5), "answered after {:?}", started.elapsed());
+
+    // A body that trickles in, one byte every 300 ms: under the body timeout, over the request's.
+    let s = connect();
+    let started = Instant::now();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(head(100_000).as_bytes()).unwrap();
+    let writer = std::thread::spawn(move || {
+        for _ in 0..40 {
+            std::thread::sleep(Duration::from_millis(300));
+            if w.write_all(&[0]).is_err() {
+                break;
+            }
+        }
+    });
+    let mut status = String::new();
+    BufReader::new(&s).read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 408"), "{status}");
+    assert!(started.elapsed() < Duration::from_secs(6), "answered after {:?}", started.elapsed());
+    drop(s);
+    writer.join().unwrap();
+
+    let photo = &test_photos(&t.data, 1)[0].0;
+    let r = client().post(format!("{}/v1/predict", server.url)).header("Content-Type", "image/jpeg");
+    assert_eq!(json(r.body(std::fs::read(photo).unwrap()).send().unwrap()).0, 200);
+    let m = client().get(format!("{}/metrics", server.url)).send().unwrap().text().unwrap();
+    assert!(m.contains("code=\"body_timeout\"} 1") && m.contains("code=\"request_timeout\"} 1"), "{m}");
+    assert!(server.stop().success());
+}

@@ -123,7 +123,19 @@ struct ServeArgs {
     /// Most images in one request.
     #[arg(long, default_value_t = ServeConfig::DEFAULT_MAX_IMAGES)]
     max_images: usize,
-    /// Per-request timeout, seconds.
+    /// Seconds a client may take to send a request's headers.
+    #[arg(long, default_value_t = 10)]
+    header_timeout_s: u64,
+    /// Seconds a client may pause while sending a request body.
+    #[arg(long, default_value_t = 10)]
+    body_timeout_s: u64,
+    /// Seconds a whole request may take, body, decoding, queue and inference included.
+    #[arg(long, default_value_t = 60)]
+    request_timeout_s: u64,
+    /// Seconds the requests in flight get to finish after SIGTERM/Ctrl-C.
+    #[arg(long, default_value_t = 60)]
+    shutdown_timeout_s: u64,
+    /// Seconds a decoded request may wait for its answer (queue and inference); then 503.
     #[arg(long, default_value_t = 30)]
     timeout_s: u64,
     /// Largest request body, MiB.
@@ -300,6 +312,8 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
         max_inflight: a.max_inflight,
         max_images: a.max_images,
         timeout: Duration::from_secs(a.timeout_s),
+        body_timeout: Duration::from_secs(a.body_timeout_s),
+        request_timeout: Duration::from_secs(a.request_timeout_s),
         max_body_bytes: a.max_body_mib << 20,
         token: a.token.clone(),
         top_k: a.top_k,
@@ -312,7 +326,11 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
         let addr = format!("{}:{}", a.host, a.port);
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
         tracing::info!("serving on http://{} (web page at /, POST /v1/predict, /v2, /metrics)", listener.local_addr()?);
-        server::serve(listener, server::app(sessions, cfg), shutdown_signal()).await?;
+        let conn = server::ConnConfig {
+            header_timeout: Duration::from_secs(a.header_timeout_s),
+            shutdown_deadline: Duration::from_secs(a.shutdown_timeout_s),
+        };
+        server::serve(listener, server::app(sessions, cfg), shutdown_signal(), conn).await?;
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)

@@ -28,6 +28,11 @@ pub struct ServeConfig {
     pub batch: BatchConfig,
     /// Longest a request may wait for its answer (queue + inference).
     pub timeout: Duration,
+    /// Longest a client may take between two pieces of a request body.
+    pub body_timeout: Duration,
+    /// Longest a whole request may take, from its headers to its answer (reading the body,
+    /// decoding, queue, inference).
+    pub request_timeout: Duration,
     /// Largest request body, bytes.
     pub max_body_bytes: usize,
     /// What one image may cost to decode (sizes, metadata, allocations).
@@ -50,6 +55,8 @@ impl Default for ServeConfig {
         Self {
             batch: BatchConfig::default(),
             timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
             max_body_bytes: 16 << 20,
             limits: preprocess::DecodeLimits::default(),
             token: None,
@@ -137,7 +144,10 @@ fn image_error(part: &str, e: ImageError) -> ApiError {
 
 fn body_error(status: StatusCode, e: impl std::fmt::Display, limit: usize) -> ApiError {
     let msg = e.to_string();
-    if status == StatusCode::PAYLOAD_TOO_LARGE || msg.contains("length limit") {
+    // tower-http's body timeout, as the extractors word it.
+    if msg.contains("designated timeout") || msg.contains("timed out") {
+        ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", format!("the request body stopped arriving: {msg}"))
+    } else if status == StatusCode::PAYLOAD_TOO_LARGE || msg.contains("length limit") {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
@@ -216,10 +226,14 @@ async fn predict(
     let parts: Vec<(String, Bytes)> = if mime == "multipart/form-data" {
         let mut mp = Multipart::from_request(req, &()).await.map_err(|e| body_error(e.status(), e, limit))?;
         let mut parts = Vec::new();
-        while let Some(field) = mp.next_field().await.map_err(|e| body_error(e.status(), e, limit))? {
-            // Counted as they come: a request of many tiny parts stops at the limit.
-            if parts.len() == s.cfg.max_images {
-                return Err(ApiError::too_many_images(parts.len() + 1, s.cfg.max_images));
+        let mut count = 0;
+        while let Some(mut field) = mp.next_field().await.map_err(|e| body_error(e.status(), e, limit))? {
+            count += 1;
+            // Parts over the limit are read and dropped (not kept): answering before the client
+            // has sent its body would reset the connection under its feet.
+            if count > s.cfg.max_images {
+                while field.chunk().await.map_err(|e| body_error(e.status(), e, limit))?.is_some() {}
+                continue;
             }
             let name = field
                 .file_name()
@@ -228,6 +242,9 @@ async fn predict(
                 .unwrap_or_else(|| format!("part {}", parts.len() + 1));
             let bytes = field.bytes().await.map_err(|e| body_error(e.status(), e, limit))?;
             parts.push((name, bytes));
+        }
+        if count > s.cfg.max_images {
+            return Err(ApiError::too_many_images(count, s.cfg.max_images));
         }
         if parts.is_empty() {
             return Err(ApiError::bad_request("no_image", "the multipart body has no parts; send one image per part"));
@@ -243,9 +260,6 @@ async fn predict(
             format!("content type `{ctype}` is not an image; send {IMAGE_TYPES}"),
         ));
     };
-    if parts.len() > s.cfg.max_images {
-        return Err(ApiError::too_many_images(parts.len(), s.cfg.max_images));
-    }
     let (names, pixels) = s.to_pixels(parts).await?;
     let decoded = t0.elapsed();
     let n = names.len();
@@ -506,6 +520,21 @@ async fn reject_oversized(State(s): State<Arc<AppState>>, req: Request, next: Ne
     body_error(StatusCode::PAYLOAD_TOO_LARGE, "", limit).into_response()
 }
 
+/// The whole request within [`ServeConfig::request_timeout`], else 408 (a client that sends its
+/// body too slowly, however steadily, cannot hold a connection and a permit forever).
+async fn limit_time(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let limit = s.cfg.request_timeout;
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request took longer than {limit:?} (--request-timeout-s)"),
+        )
+        .into_response(),
+    }
+}
+
 /// Whether a path needs the token: inference and model metadata do; the page, health, server
 /// metadata, metrics and unknown paths do not.
 fn protected(path: &str) -> bool {
@@ -583,17 +612,71 @@ pub fn app(sessions: Vec<OnnxModel>, cfg: ServeConfig) -> Router {
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), reject_oversized))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(state.cfg.body_timeout))
+        .layer(middleware::from_fn_with_state(state.clone(), limit_time))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
         .with_state(state)
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then finishes the requests in flight.
+/// Connection settings of [`serve`].
+#[derive(Debug, Clone, Copy)]
+pub struct ConnConfig {
+    /// Longest a client may take to send a request's headers (a slow client holding a
+    /// connection open without a request is closed).
+    pub header_timeout: Duration,
+    /// After the shutdown signal: longest the requests in flight may take to finish before their
+    /// connections are closed.
+    pub shutdown_deadline: Duration,
+}
+
+impl Default for ConnConfig {
+    fn default() -> Self {
+        Self { header_timeout: Duration::from_secs(10), shutdown_deadline: Duration::from_secs(60) }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and lets the
+/// requests in flight finish (each ends within the request timeout), closing whatever is left
+/// after `conn.shutdown_deadline`. HTTP/1.1 over hyper, with a header read timeout.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    conn: ConnConfig,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(conn.header_timeout)
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("connection: {e}");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(conn.shutdown_deadline, graceful.shutdown()).await.is_err() {
+        tracing::warn!("requests still running {:?} after the shutdown signal: closing them", conn.shutdown_deadline);
+    }
+    Ok(())
 }
