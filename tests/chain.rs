@@ -2,82 +2,14 @@
 //! `footwear` binary serving it over HTTP (real requests, every bad input), predicting from the
 //! command line, and its web page driven in headless Chromium.
 
-use e2e::{footwear_bin, ort_lib, test_photos, trained};
-use reqwest::blocking::{multipart, Client};
+use e2e::{client, footwear_bin, json, ort_lib, test_photos, trained, Server};
+use reqwest::blocking::multipart;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "s3cret";
-
-/// A running `footwear serve`, stopped with SIGTERM on drop.
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Server {
-    fn start(onnx: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(footwear_bin())
-            .args(["serve", "--port", "0", "--threads", "2", "-m"])
-            .arg(onnx)
-            .args(if extra.contains(&"--max-delay-ms") { &[][..] } else { &["--max-delay-ms", "10"][..] })
-            .arg("--ort-lib")
-            .arg(ort_lib())
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[server] {line}");
-                if let Some(i) = line.find("http://127.0.0.1:") {
-                    let port: String = line[i + 17..].chars().take_while(char::is_ascii_digit).collect();
-                    let _ = tx.send(port);
-                }
-            }
-        });
-        let port = rx.recv_timeout(Duration::from_secs(60)).expect("the server did not start");
-        Server { child, url: format!("http://127.0.0.1:{port}") }
-    }
-
-    /// SIGTERM, then the exit status (graceful shutdown).
-    fn stop(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let t = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(t.elapsed() < Duration::from_secs(20), "no exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
-}
-
-fn client() -> Client {
-    Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
-}
-
-/// Status and JSON body; every answer of the server is JSON except `/` and `/metrics`.
-fn json(r: reqwest::blocking::Response) -> (u16, Value) {
-    let status = r.status().as_u16();
-    let text = r.text().unwrap();
-    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}")))
-}
 
 /// A PNG whose header claims `w` x `h` pixels, with a token of compressed data.
 fn png_header(w: u32, h: u32) -> Vec<u8> {
