@@ -11,6 +11,15 @@ pub mod preprocess;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// Largest input side a description may give, pixels (Xception runs at 71-299 in practice).
+pub const MAX_INPUT_SIZE: usize = 2048;
+/// Most classes a description may name.
+pub const MAX_CLASSES: usize = 10_000;
+/// Longest model or class name, bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Widest hidden layer of a head.
+pub const MAX_INNER: usize = 1 << 16;
+
 /// Version of the description format written by this crate.
 pub const FORMAT_VERSION: u32 = 1;
 /// File name of the description inside a model directory.
@@ -171,6 +180,23 @@ impl ModelDescription {
         if self.input_size < 71 {
             return bad("input_size", format!("{} px is below Xception's minimum of 71", self.input_size));
         }
+        // Bounds on what a file may ask of a reader: a crafted model.json or ONNX file must not
+        // make a runtime allocate for a 100,000 px input or a million classes.
+        if self.input_size > MAX_INPUT_SIZE {
+            return bad("input_size", format!("{} px is above the {MAX_INPUT_SIZE} px allowed", self.input_size));
+        }
+        if self.classes.len() > MAX_CLASSES {
+            return bad("classes", format!("{} classes is more than the {MAX_CLASSES} allowed", self.classes.len()));
+        }
+        if let Some(c) = self.classes.iter().find(|c| c.is_empty() || c.len() > MAX_NAME_BYTES) {
+            return bad("classes", format!("class name of {} bytes (1 to {MAX_NAME_BYTES} allowed)", c.len()));
+        }
+        if self.name.len() > MAX_NAME_BYTES {
+            return bad("name", format!("{} bytes is longer than the {MAX_NAME_BYTES} allowed", self.name.len()));
+        }
+        if self.head.is_some_and(|h| h.inner > MAX_INNER) {
+            return bad("head", format!("a hidden layer wider than {MAX_INNER}"));
+        }
         match &self.head {
             Some(h) if h.classes != self.classes.len() => {
                 bad("classes", format!("{} names for a head of {} classes", self.classes.len(), h.classes))
@@ -235,6 +261,29 @@ mod tests {
         let mut d = sample();
         d.input_size = 32;
         assert!(d.validate(Path::new("m")).unwrap_err().to_string().contains("input_size"));
+    }
+
+    /// What a crafted file may ask of a reader is bounded, each bound named.
+    #[test]
+    fn sizes_are_bounded() {
+        let check = |f: &dyn Fn(&mut ModelDescription), field: &str| {
+            let mut d = sample();
+            f(&mut d);
+            let e = d.validate(Path::new("m")).unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        };
+        check(&|d| d.input_size = 100_000, "input_size");
+        check(
+            &|d| {
+                d.classes = (0..MAX_CLASSES + 1).map(|i| i.to_string()).collect();
+                d.head = Some(Head { inner: 10, dropout: 0.0, classes: d.classes.len() });
+            },
+            "classes",
+        );
+        check(&|d| d.classes[1] = "x".repeat(MAX_NAME_BYTES + 1), "classes");
+        check(&|d| d.classes[1] = String::new(), "classes");
+        check(&|d| d.name = "n".repeat(1000), "name");
+        check(&|d| d.head = Some(Head { inner: MAX_INNER + 1, dropout: 0.0, classes: 3 }), "head");
     }
 
     /// The typed fields keep the strings of the files written before them, and an unknown value

@@ -101,8 +101,38 @@ pub fn properties(
     ]
 }
 
-/// Reads the properties back; `get` returns a property's value.
+/// Longest metadata property read, bytes (the longest written, `metrics`, is a few hundred).
+pub const MAX_PROPERTY_BYTES: usize = 1 << 20;
+
+/// Reads the properties back; `get` returns a property's value. Values over
+/// [`MAX_PROPERTY_BYTES`] and descriptions over the bounds of [`ModelDescription::validate`]
+/// are errors naming the property.
 pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<OnnxInfo, MetaError> {
+    for key in KEYS {
+        if let Some(n) = get(key).map(|v| v.len()).filter(|&n| n > MAX_PROPERTY_BYTES) {
+            return Err(MetaError { key, reason: format!("{n} bytes, more than the {MAX_PROPERTY_BYTES} allowed") });
+        }
+    }
+    parse_checked(get)
+}
+
+/// Every property this module writes.
+const KEYS: [&str; 12] = [
+    CLASSES,
+    INPUT_SIZE,
+    LAYOUT,
+    INPUT_TYPE,
+    PREPROCESSING,
+    MODEL_NAME,
+    MODEL_VERSION,
+    ARCHITECTURE,
+    HEAD,
+    METRICS,
+    SOURCE,
+    TOOLCHAIN,
+];
+
+fn parse_checked(get: impl Fn(&str) -> Option<String>) -> Result<OnnxInfo, MetaError> {
     fn need(get: &impl Fn(&str) -> Option<String>, key: &'static str) -> Result<String, MetaError> {
         get(key).ok_or(MetaError { key, reason: "missing (was the file written by this toolchain's exporter?)".into() })
     }
@@ -192,6 +222,18 @@ mod tests {
         assert_eq!(info.model_version, 3);
         assert_eq!(info.input_type, InputType::Uint8);
         assert!(info.preprocessing.scaling_in_graph);
+    }
+
+    #[test]
+    fn oversized_properties_and_descriptions_are_refused() {
+        let mut props: HashMap<String, String> = properties(&desc(), InputType::Uint8, 1, "t").into_iter().collect();
+        props.insert(SOURCE.into(), "s".repeat(MAX_PROPERTY_BYTES + 1));
+        let e = parse(|k| props.get(k).cloned()).unwrap_err().to_string();
+        assert!(e.contains("`source`") && e.contains("allowed"), "{e}");
+        let mut props: HashMap<String, String> = properties(&desc(), InputType::Uint8, 1, "t").into_iter().collect();
+        props.insert(INPUT_SIZE.into(), "1000000".into());
+        let e = parse(|k| props.get(k).cloned()).unwrap_err().to_string();
+        assert!(e.contains("input_size"), "{e}");
     }
 
     #[test]

@@ -183,8 +183,16 @@ impl TrainConfig {
     /// Checks values that would otherwise fail deep inside training.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, reason: String| Err(ConfigError::Invalid { field, reason });
-        if self.image_size < models::layers::MIN_INPUT_SIZE {
-            return bad("image_size", format!("{} px is below Xception's minimum of 71", self.image_size));
+        if !(models::layers::MIN_INPUT_SIZE..=modelspec::MAX_INPUT_SIZE).contains(&self.image_size) {
+            return bad(
+                "image_size",
+                format!(
+                    "{} px is not within {}..={} px",
+                    self.image_size,
+                    models::layers::MIN_INPUT_SIZE,
+                    modelspec::MAX_INPUT_SIZE
+                ),
+            );
         }
         if self.batch_size == 0 {
             return bad("batch_size", "must be positive".into());
