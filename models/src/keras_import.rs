@@ -35,6 +35,9 @@ pub struct ImportOptions {
     pub classes: Option<Vec<String>>,
     /// Import the Xception base only, ignoring any head.
     pub base_only: bool,
+    /// Largest member of a `.keras` zip once inflated, bytes ([`MAX_MEMBER_BYTES`] by default):
+    /// a zip bomb is refused instead of inflated.
+    pub max_member_bytes: u64,
 }
 
 /// An imported model, ready for [`crate::weights::write_model_dir`].
@@ -58,10 +61,13 @@ struct Found {
 }
 
 /// Imports a `.keras`, Keras 3 `.weights.h5` or classic `.h5` file.
+/// Largest `.keras` member read by default: Xception's weights file is about 90 MB.
+pub const MAX_MEMBER_BYTES: u64 = 1 << 30;
+
 pub fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
     let bytes = std::fs::read(path).map_err(ModelError::io(path))?;
     let (h5_bytes, config, h5_label) = if bytes.starts_with(b"PK") {
-        let (h5, config) = unzip_keras(path, &bytes)?;
+        let (h5, config) = unzip_keras(path, &bytes, opts.max_member_bytes)?;
         (h5, Some(config), path.join("model.weights.h5"))
     } else if bytes.starts_with(b"\x89HDF\r\n\x1a\n") {
         (bytes, None, path.to_path_buf())
@@ -79,14 +85,22 @@ pub fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
 }
 
 /// Reads `model.weights.h5` and `config.json` out of a `.keras` zip.
-fn unzip_keras(path: &Path, bytes: &[u8]) -> Result<(Vec<u8>, serde_json::Value)> {
+fn unzip_keras(path: &Path, bytes: &[u8], max: u64) -> Result<(Vec<u8>, serde_json::Value)> {
     let bad = |what: String| ModelError::format(path, what);
     let mut zip =
         zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| bad(format!("not a valid .keras zip ({e})")))?;
     let mut member = |name: &str| -> Result<Vec<u8>> {
-        let mut f = zip.by_name(name).map_err(|e| bad(format!("{name}: {e}")))?;
-        let mut v = Vec::new();
-        f.read_to_end(&mut v).map_err(|e| bad(format!("{name}: {e} (truncated file?)")))?;
+        let f = zip.by_name(name).map_err(|e| bad(format!("{name}: {e}")))?;
+        let too_big = |n: u64| bad(format!("{name}: {n} bytes inflated, more than the {max} allowed"));
+        if f.size() > max {
+            return Err(too_big(f.size()));
+        }
+        // The declared size can lie: read one byte past the limit at most.
+        let mut v = Vec::with_capacity(f.size().min(1 << 20) as usize);
+        f.take(max.saturating_add(1)).read_to_end(&mut v).map_err(|e| bad(format!("{name}: {e} (truncated file?)")))?;
+        if v.len() as u64 > max {
+            return Err(too_big(v.len() as u64));
+        }
         Ok(v)
     };
     let h5 = member("model.weights.h5")?;

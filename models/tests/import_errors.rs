@@ -12,7 +12,13 @@ use std::path::{Path, PathBuf};
 use testkit::{max_abs_diff, repo, weights};
 
 fn opts(base_only: bool) -> ImportOptions {
-    ImportOptions { name: "t".into(), input_size: 150, classes: None, base_only }
+    ImportOptions {
+        name: "t".into(),
+        input_size: 150,
+        classes: None,
+        base_only,
+        max_member_bytes: models::keras_import::MAX_MEMBER_BYTES,
+    }
 }
 
 fn tmp(name: &str) -> PathBuf {

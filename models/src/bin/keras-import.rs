@@ -32,7 +32,13 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let opts = ImportOptions { name: a.name, input_size: a.input_size, classes: a.classes, base_only: a.base_only };
+    let opts = ImportOptions {
+        name: a.name,
+        input_size: a.input_size,
+        classes: a.classes,
+        base_only: a.base_only,
+        max_member_bytes: models::keras_import::MAX_MEMBER_BYTES,
+    };
     let imported = import(&a.input, &opts).with_context(|| format!("importing {}", a.input.display()))?;
     write_model_dir(&a.out, &imported.description, &imported.tensors)
         .with_context(|| format!("writing {}", a.out.display()))?;
