@@ -56,14 +56,9 @@ fn proc_mib(pid: u32, key: &str) -> u64 {
 }
 
 /// docs/reliability.md's bound for the server's default settings and a `size` px model, over
-/// its resident memory once loaded: request bodies, decodes, queued pixels.
-fn bound_mib(size: u64) -> u64 {
-    use runtime::server::ServeConfig;
-    let cfg = ServeConfig::default();
-    let bodies = cfg.max_inflight as u64 * cfg.max_body_bytes as u64;
-    let decodes = cfg.max_decodes as u64 * cfg.limits.peak_bytes(size as u32);
-    let queued = (cfg.batch.max_queue * cfg.max_images) as u64 * size * size * 3;
-    (bodies + decodes + queued) >> 20
+/// its resident memory once loaded.
+fn bound_mib(size: usize) -> u64 {
+    runtime::server::ServeConfig::default().memory_bound_bytes(size) >> 20
 }
 
 #[test]

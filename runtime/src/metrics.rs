@@ -57,6 +57,7 @@ pub struct Metrics {
     queued: Gauge,
     failed_batches: Counter,
     panics: Counter,
+    memory_bound: Gauge,
 }
 
 impl Default for Metrics {
@@ -75,7 +76,7 @@ impl Metrics {
         let queue = latency_histogram();
         let inference = latency_histogram();
         let queued = Gauge::default();
-        let (failed_batches, panics) = (Counter::default(), Counter::default());
+        let (failed_batches, panics, memory_bound) = (Counter::default(), Counter::default(), Gauge::default());
         registry.register("http_requests", "HTTP requests by endpoint and status", requests.clone());
         registry.register("http_errors", "Error answers by endpoint and error code", errors.clone());
         registry.register("http_request_duration_seconds", "Request latency", latency.clone());
@@ -85,7 +86,24 @@ impl Metrics {
         registry.register("queued_requests", "Requests waiting for a session", queued.clone());
         registry.register("failed_batches", "Inference batches that failed (error or panic)", failed_batches.clone());
         registry.register("session_panics", "Inference batches whose run panicked", panics.clone());
-        Self { registry, requests, errors, latency, batch_size, queue, inference, queued, failed_batches, panics }
+        registry.register(
+            "memory_bound_bytes",
+            "Most memory requests can take on top of the loaded model, from the settings",
+            memory_bound.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            errors,
+            latency,
+            batch_size,
+            queue,
+            inference,
+            queued,
+            failed_batches,
+            panics,
+            memory_bound,
+        }
     }
 
     pub fn request(&self, endpoint: &str, status: u16, latency: Duration, error_code: Option<&str>) {
@@ -119,6 +137,10 @@ impl Metrics {
     /// How long one request waited for its batch.
     pub fn queued_for(&self, queue: Duration) {
         self.queue.observe(queue.as_secs_f64());
+    }
+
+    pub fn set_memory_bound(&self, bytes: u64) {
+        self.memory_bound.set(bytes as i64);
     }
 
     pub fn set_queue(&self, n: usize) {

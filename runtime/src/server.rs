@@ -72,6 +72,16 @@ impl Default for ServeConfig {
 impl ServeConfig {
     pub const DEFAULT_MAX_IMAGES: usize = 16;
     pub const DEFAULT_MAX_INFLIGHT: usize = 32;
+
+    /// The most memory requests can take on top of the loaded model, for a `size` px model
+    /// (docs/reliability.md): the bodies of the admitted requests, the decodes running, the
+    /// pixels queued for a session.
+    pub fn memory_bound_bytes(&self, size: usize) -> u64 {
+        let bodies = self.max_inflight as u64 * self.max_body_bytes as u64;
+        let decodes = self.max_decodes as u64 * self.limits.peak_bytes(size as u32);
+        let queued = (self.batch.max_queue * self.max_images * size * size * 3) as u64;
+        bodies + decodes + queued
+    }
 }
 
 /// What the handlers share.
@@ -589,6 +599,11 @@ pub fn app(sessions: Vec<OnnxModel>, cfg: ServeConfig) -> Router {
     let (name, version, classes) = (d.name.clone(), first.info.model_version.to_string(), d.classes.clone());
     let (size, preprocessing) = (d.input_size, d.preprocessing.clone());
     let metrics = Metrics::new();
+    metrics.set_memory_bound(cfg.memory_bound_bytes(size));
+    tracing::info!(
+        "requests may take at most {} MiB on top of the loaded model (docs/reliability.md)",
+        cfg.memory_bound_bytes(size) >> 20
+    );
     let batcher = Batcher::start(sessions, cfg.batch, metrics.batch_observer());
     let (inflight, decodes) = (Arc::new(Semaphore::new(cfg.max_inflight)), Arc::new(Semaphore::new(cfg.max_decodes)));
     let state =
