@@ -512,21 +512,12 @@ const DRAIN_TIME: Duration = Duration::from_secs(5);
 /// the client sees a broken pipe instead of the 413 (seen with 8 MiB bodies against a 1 MiB
 /// limit). Bodies without a declared length meet the extractors' limit instead.
 async fn reject_oversized(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    use http_body_util::BodyExt;
     let limit = s.cfg.max_body_bytes;
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_none_or(|n| n <= limit as u64) {
         return next.run(req).await;
     }
-    let mut body = req.into_body();
-    let deadline = tokio::time::Instant::now() + DRAIN_TIME;
-    let mut drained = 0u64;
-    while drained <= DRAIN_BYTES {
-        match tokio::time::timeout_at(deadline, body.frame()).await {
-            Ok(Some(Ok(frame))) => drained += frame.data_ref().map_or(0, |d| d.len() as u64),
-            _ => break,
-        }
-    }
+    drain(req.into_body(), DRAIN_BYTES, DRAIN_TIME).await;
     body_error(StatusCode::PAYLOAD_TOO_LARGE, "", limit).into_response()
 }
 
@@ -579,11 +570,33 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn admit(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     match s.inflight.clone().try_acquire_owned() {
         Ok(_permit) => next.run(req).await,
-        Err(_) => ApiError::overloaded(format!(
-            "{} requests are already being served (--max-inflight); retry later",
-            s.cfg.max_inflight
-        ))
-        .into_response(),
+        Err(_) => {
+            // The body is read and dropped (within the body limit, for at most SHED_DRAIN_TIME)
+            // so that a client still sending hears the 503 and its Retry-After, not a reset.
+            drain(req.into_body(), s.cfg.max_body_bytes as u64, SHED_DRAIN_TIME).await;
+            ApiError::overloaded(format!(
+                "{} requests are already being served (--max-inflight); retry later",
+                s.cfg.max_inflight
+            ))
+            .into_response()
+        }
+    }
+}
+
+/// How long a shed request's body is drained at most.
+const SHED_DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// Reads and drops up to `max` bytes of `body`, for at most `time`.
+async fn drain(body: axum::body::Body, max: u64, time: Duration) {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let deadline = tokio::time::Instant::now() + time;
+    let mut drained = 0u64;
+    while drained <= max {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => drained += frame.data_ref().map_or(0, |d| d.len() as u64),
+            _ => break,
+        }
     }
 }
 
