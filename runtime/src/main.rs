@@ -114,7 +114,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = BatchConfig::DEFAULT_MAX_QUEUE)]
     max_queue: usize,
     /// Most inference requests in the server at once (reading, decoding, queued, running); one
-    /// more gets 503 with Retry-After before its body is read.
+    /// more gets 503 with Retry-After without being decoded.
     #[arg(long, default_value_t = ServeConfig::DEFAULT_MAX_INFLIGHT)]
     max_inflight: usize,
     /// Most images decoded at once [default: one per core].

@@ -42,7 +42,7 @@ pub struct ServeConfig {
     /// Most images in one request (multipart parts, or N of a v2 tensor).
     pub max_images: usize,
     /// Most inference requests admitted at once (reading their body, decoding, queued or
-    /// running); one more is answered 503 with `Retry-After` before its body is read.
+    /// running); one more is answered 503 with `Retry-After` without being decoded.
     pub max_inflight: usize,
     /// Most images decoded at once (each may take `limits.peak_bytes(size)`).
     pub max_decodes: usize,
@@ -566,7 +566,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Admits an inference request if fewer than `max_inflight` are in the server, else answers 503
-/// with `Retry-After` at once, before its body is read; the permit lives as long as the request.
+/// with `Retry-After` without decoding it; the permit lives as long as the request.
 async fn admit(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     match s.inflight.clone().try_acquire_owned() {
         Ok(_permit) => next.run(req).await,
