@@ -173,16 +173,21 @@ impl AppState {
     /// fails the request, naming its part.
     async fn to_pixels(&self, parts: Vec<(String, Bytes)>) -> Result<(Vec<String>, Vec<u8>), ApiError> {
         let (size, prep, max) = (self.size as u32, self.preprocessing.clone(), self.cfg.limits);
-        // Waits for a decode slot: decodes, not requests, are what take memory and cores.
-        let _permit = self.decodes.clone().acquire_owned().await.map_err(|_| ApiError::overloaded("shutting down"))?;
+        // Waits for a decode slot: decodes, not requests, are what take memory and cores. The
+        // permit goes with the decoding thread (which a timed-out request cannot stop), and its
+        // images are decoded one after another, so that a permit is one decode at a time.
+        let permit = self.decodes.clone().acquire_owned().await.map_err(|_| ApiError::overloaded("shutting down"))?;
         tokio::task::spawn_blocking(move || {
-            let sources: Vec<Source> = parts.iter().map(|(_, bytes)| Source::Bytes(bytes)).collect();
-            let mut batch = preprocess::decode_batch(&sources, size, &prep, &max);
-            if let Some((i, e)) = batch.failed.drain(..).next() {
-                return Err(image_error(&parts[i].0, e));
+            let _permit = permit;
+            let mut pixels = Vec::with_capacity(parts.len() * (size * size * 3) as usize);
+            for (name, bytes) in &parts {
+                let mut one = preprocess::decode_batch(&[Source::Bytes(bytes)], size, &prep, &max);
+                if let Some((_, e)) = one.failed.pop() {
+                    return Err(image_error(name, e));
+                }
+                pixels.extend_from_slice(&one.pixels);
             }
-            let names = parts.into_iter().map(|(name, _)| name).collect();
-            Ok((names, batch.pixels))
+            Ok((parts.into_iter().map(|(name, _)| name).collect(), pixels))
         })
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("decoding failed: {e}")))?
