@@ -8,64 +8,25 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use testkit::png::header_only as png_header;
 
 const TOKEN: &str = "s3cret";
 
-/// A PNG whose header claims `w` x `h` pixels, with a token of compressed data.
-fn png_header(w: u32, h: u32) -> Vec<u8> {
-    fn crc32(data: &[u8]) -> u32 {
-        let mut c = 0xffff_ffffu32;
-        for &b in data {
-            c ^= b as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
-            }
-        }
-        !c
-    }
-    let mut png = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
-    let mut chunk = |kind: &[u8], data: &[u8]| {
-        png.extend((data.len() as u32).to_be_bytes());
-        let body = [kind, data].concat();
-        png.extend(&body);
-        png.extend(crc32(&body).to_be_bytes());
-    };
-    chunk(b"IHDR", &[&w.to_be_bytes()[..], &h.to_be_bytes(), &[8, 2, 0, 0, 0]].concat());
-    chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
-    chunk(b"IEND", &[]);
-    png
-}
-
-/// Sends only the headers of a POST declaring an `n`-byte body, with `token`, and reads the
-/// status line: a server that checks the token first answers without waiting for the body.
-fn headers_only(url: &str, token: &str, n: usize) -> std::io::Result<String> {
+/// POSTs to /v1/predict over a plain socket the headers of an `n`-byte body with `token`, then
+/// `sent` zero bytes of it, before reading anything; returns the answer's status line. With all
+/// of the body sent: does an oversized one get its 413 rather than a reset? With none: does the
+/// server check the token without waiting for the body?
+fn raw_post(url: &str, token: &str, n: usize, sent: usize) -> std::io::Result<String> {
     use std::io::Write;
     let addr = url.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(Duration::from_secs(if sent == 0 { 5 } else { 30 })))?;
     write!(
         s,
         "POST /v1/predict HTTP/1.1\r\nHost: {addr}\r\nContent-Type: image/jpeg\r\n\
          Authorization: Bearer {token}\r\nContent-Length: {n}\r\n\r\n"
     )?;
-    let mut status = String::new();
-    BufReader::new(s).read_line(&mut status)?;
-    Ok(status)
-}
-
-/// POSTs `n` zero bytes to /v1/predict over a plain socket, writing the whole body before
-/// reading anything; returns the answer's status line.
-fn post_all_then_read(url: &str, n: usize) -> std::io::Result<String> {
-    use std::io::Write;
-    let addr = url.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "POST /v1/predict HTTP/1.1\r\nHost: {addr}\r\nContent-Type: image/jpeg\r\n\
-         Authorization: Bearer {TOKEN}\r\nContent-Length: {n}\r\n\r\n"
-    )?;
-    s.write_all(&vec![0u8; n])?;
+    s.write_all(&vec![0u8; sent])?;
     let mut status = String::new();
     BufReader::new(s).read_line(&mut status)?;
     Ok(status)
@@ -177,10 +138,10 @@ fn server_labels_real_photos_and_answers_every_bad_input_with_a_json_4xx() {
     }
     // A client that writes all of an oversized body before reading (8 MiB: more than the sockets
     // buffer) still gets the 413, not a reset connection.
-    let status = post_all_then_read(&server.url, 8 << 20).expect("the 413 of an 8 MiB body");
+    let status = raw_post(&server.url, TOKEN, 8 << 20, 8 << 20).expect("the 413 of an 8 MiB body");
     assert!(status.starts_with("HTTP/1.1 413"), "{status}");
     // The token is checked before any body is read: a wrong one is answered at once.
-    let status = headers_only(&server.url, "wrong", 8 << 20).expect("a 401 before the body");
+    let status = raw_post(&server.url, "wrong", 8 << 20, 0).expect("a 401 before the body");
     assert!(status.starts_with("HTTP/1.1 401"), "{status}");
     let infer = |model: &str, body: &str| {
         json(

@@ -9,44 +9,7 @@
 use e2e::{client, json, test_photos, trained, Server};
 use std::io::{BufRead, BufReader, Write};
 use std::time::Duration;
-
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &b in bytes {
-        c ^= b as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
-        }
-    }
-    !c
-}
-
-fn chunk(kind: &[u8], data: &[u8]) -> Vec<u8> {
-    let body = [kind, data].concat();
-    [&(data.len() as u32).to_be_bytes()[..], &body, &crc32(&body).to_be_bytes()].concat()
-}
-
-/// An RGB PNG of `w` x `h` black pixels (valid, tiny when compressed), with `extra` chunks after
-/// its header.
-fn png(w: u32, h: u32, extra: &[u8]) -> Vec<u8> {
-    let ihdr = [&w.to_be_bytes()[..], &h.to_be_bytes(), &[8, 2, 0, 0, 0]].concat();
-    // Each row: filter byte 0 and 3 bytes a pixel, all zero.
-    let idat = zlib_zeros((w as usize * 3 + 1) * h as usize);
-    [&b"\x89PNG\r\n\x1a\n"[..], &chunk(b"IHDR", &ihdr), extra, &chunk(b"IDAT", &idat), &chunk(b"IEND", &[])].concat()
-}
-
-/// `n` zero bytes, zlib-compressed (about 1,000:1).
-fn zlib_zeros(n: usize) -> Vec<u8> {
-    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
-    let block = vec![0u8; 1 << 20];
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(block.len());
-        z.write_all(&block[..k]).unwrap();
-        left -= k;
-    }
-    z.finish().unwrap()
-}
+use testkit::png::{black as png, chunk, zlib};
 
 /// A `/proc/PID/status` figure (VmHWM, VmRSS), MiB.
 fn proc_mib(pid: u32, key: &str) -> u64 {
@@ -72,7 +35,7 @@ fn eight_hostile_requests_and_sixteen_good_photos_at_once() {
     assert_eq!(good.len(), 16);
 
     let iccp_big = chunk(b"iCCP", &[&b"big\0\0"[..], &vec![7u8; 3 << 19]].concat());
-    let iccp_bomb = chunk(b"iCCP", &[&b"bomb\0\0"[..], &zlib_zeros(768 << 20)].concat());
+    let iccp_bomb = chunk(b"iCCP", &[&b"bomb\0\0"[..], &zlib(768 << 20, 0, 9)].concat());
     assert!(iccp_bomb.len() < 1 << 20, "the bomb must pass the stored-size check: {} bytes", iccp_bomb.len());
     let jpeg = &good[0];
     let hostile: Vec<(&str, Vec<u8>, &str, u16, &str)> = vec![

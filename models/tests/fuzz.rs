@@ -13,49 +13,15 @@ use models::keras_import::{import, ImportOptions};
 use models::layers::{TensorSpec, Transform};
 use models::weights::read_checked;
 use proptest::prelude::*;
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write;
+use testkit::alloc::assert_nothing_refused;
 
 /// The largest member a fuzzed `.keras` import may inflate.
 const MEMBER_LIMIT: u64 = 4 << 20;
 const MAX_ALLOCATION: usize = 32 << 20;
 
-struct Bounded;
-/// Set when an allocation was refused: callers that use `try_reserve` (`read_to_end`) turn the
-/// refusal into an error instead of an abort, so every case checks this too.
-static REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Fails the case if any allocation of this binary was refused so far.
-fn assert_nothing_refused() {
-    assert!(!REFUSED.load(std::sync::atomic::Ordering::SeqCst), "an allocation over the bound was attempted");
-}
-
-// SAFETY: forwards to the system allocator; only refuses (null) sizes over the bound, which Rust
-// turns into an abort, never into a use of the null pointer.
-unsafe impl GlobalAlloc for Bounded {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if l.size() > MAX_ALLOCATION {
-            eprintln!("fuzz: refused a single allocation of {} bytes", l.size());
-            REFUSED.store(true, std::sync::atomic::Ordering::SeqCst);
-            return std::ptr::null_mut();
-        }
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        if new > MAX_ALLOCATION {
-            eprintln!("fuzz: refused a single allocation of {new} bytes");
-            REFUSED.store(true, std::sync::atomic::Ordering::SeqCst);
-            return std::ptr::null_mut();
-        }
-        unsafe { System.realloc(p, l, new) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Bounded = Bounded;
+static GLOBAL: testkit::alloc::Bounded = testkit::alloc::Bounded(MAX_ALLOCATION);
 
 /// A file in this test's scratch folder, named by the case so that parallel cases do not clash.
 fn scratch(name: &str, bytes: &[u8]) -> std::path::PathBuf {

@@ -33,10 +33,12 @@ pub struct DecodeLimits {
     /// Largest metadata chunk of a PNG or WebP file (ICC profile, text, EXIF, XMP), bytes as
     /// stored: real photos carry a few KB; a large compressed chunk is a decompression bomb.
     pub max_metadata_bytes: u64,
+    /// Largest encoded file read from disk, bytes (the server's bodies have their own limit).
+    pub max_file_bytes: u64,
 }
 
 impl Default for DecodeLimits {
-    /// 40 Mpixels, 16,384 px a side, 32:1, 384 MiB, 1 MiB of metadata per chunk.
+    /// 40 Mpixels, 16,384 px a side, 32:1, 384 MiB, 1 MiB of metadata per chunk, 256 MiB files.
     fn default() -> Self {
         Self {
             max_pixels: 40_000_000,
@@ -44,6 +46,7 @@ impl Default for DecodeLimits {
             max_aspect: 32,
             max_alloc: 384 << 20,
             max_metadata_bytes: 1 << 20,
+            max_file_bytes: 256 << 20,
         }
     }
 }
@@ -95,6 +98,8 @@ pub enum ImageError {
     Truncated,
     #[error("cannot read: {0}")]
     Read(#[from] std::io::Error),
+    #[error("a file of {bytes} bytes is larger than the {max} allowed")]
+    FileTooLarge { bytes: u64, max: u64 },
 }
 
 /// The metadata chunks of a PNG (ancillary chunks: ICC profile, text, EXIF) or WebP (`ICCP`,
@@ -296,13 +301,30 @@ impl DecodedBatch {
     }
 }
 
+/// A file's bytes, if it holds at most `max` (checked before reading, and while reading, in case
+/// it grows).
+fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, ImageError> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    if len > max {
+        return Err(ImageError::FileTooLarge { bytes: len, max });
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    f.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(ImageError::FileTooLarge { bytes: bytes.len() as u64, max });
+    }
+    Ok(bytes)
+}
+
 /// Reads (files), decodes and resizes `sources` to `size` x `size` in parallel: the loop every
 /// step runs to turn images into a batch for the network (the runtime's CLI and server, the
 /// exporter's samples and evaluation, the trainer's data).
 pub fn decode_batch(sources: &[Source], size: u32, p: &Preprocessing, limits: &DecodeLimits) -> DecodedBatch {
     let one = |s: &Source| -> Result<Vec<u8>, ImageError> {
         match s {
-            Source::File(path) => resized_pixels(&std::fs::read(path)?, size, p, limits),
+            Source::File(path) => resized_pixels(&read_bounded(path, limits.max_file_bytes)?, size, p, limits),
             Source::Bytes(bytes) => resized_pixels(bytes, size, p, limits),
         }
     };
@@ -385,6 +407,13 @@ mod tests {
     fn decode_batch_keeps_order_and_lists_failures() {
         let (a, b) = (png(10, 7), png(3, 30));
         let missing = std::path::Path::new("/nonexistent/x.png");
+        // A file over the size limit is refused before it is read.
+        let big = std::env::temp_dir().join(format!("modelspec-big-{}.png", std::process::id()));
+        std::fs::write(&big, &a).unwrap();
+        let small_files = DecodeLimits { max_file_bytes: a.len() as u64 - 1, ..DecodeLimits::default() };
+        let r = decode_batch(&[Source::File(&big)], 8, &Preprocessing::default(), &small_files);
+        assert!(matches!(r.failed.as_slice(), [(0, ImageError::FileTooLarge { .. })]), "{:?}", r.failed);
+        std::fs::remove_file(&big).unwrap();
         let sources = [Source::Bytes(&a), Source::Bytes(b"junk"), Source::File(missing), Source::Bytes(&b)];
         let batch = decode_batch(&sources, 8, &Preprocessing::default(), &DecodeLimits::default());
         assert_eq!(batch.decoded, [0, 3]);
@@ -394,29 +423,7 @@ mod tests {
         assert!(matches!(failed.as_slice(), [(1, _), (2, r)] if r.starts_with("cannot read")), "{failed:?}");
     }
 
-    /// The CRC of a PNG chunk's type and data.
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut c = !0u32;
-        for &b in bytes {
-            c ^= b as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
-            }
-        }
-        !c
-    }
-
-    fn chunk(kind: &[u8], data: &[u8]) -> Vec<u8> {
-        let body = [kind, data].concat();
-        [&(data.len() as u32).to_be_bytes()[..], &body, &crc32(&body).to_be_bytes()].concat()
-    }
-
-    /// A PNG whose header claims `width` x `height` RGB pixels, with one tiny IDAT.
-    fn png_header_only(width: u32, height: u32) -> Vec<u8> {
-        let ihdr = [&width.to_be_bytes()[..], &height.to_be_bytes(), &[8, 2, 0, 0, 0]].concat();
-        let idat = [0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01];
-        [&b"\x89PNG\r\n\x1a\n"[..], &chunk(b"IHDR", &ihdr), &chunk(b"IDAT", &idat), &chunk(b"IEND", &[])].concat()
-    }
+    use testkit::png::{chunk, header_only as png_header_only};
 
     /// A real 8x8 PNG with `extra` inserted right after its header chunk.
     fn png_with(extra: &[u8]) -> Vec<u8> {

@@ -14,9 +14,9 @@ use modelspec::onnx_meta;
 use modelspec::preprocess::{decode_rgb, resized_pixels, DecodeLimits};
 use modelspec::Preprocessing;
 use proptest::prelude::*;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::io::{Cursor, Write};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::io::Cursor;
+use testkit::alloc::assert_nothing_refused;
+use testkit::png::{crc32, zlib};
 
 /// The limits every case decodes under.
 const LIMITS: DecodeLimits = DecodeLimits {
@@ -25,6 +25,7 @@ const LIMITS: DecodeLimits = DecodeLimits {
     max_aspect: 32,
     max_alloc: 16 << 20,
     max_metadata_bytes: 64 << 10,
+    max_file_bytes: 1 << 20,
 };
 /// Input side the decoded images are resized to.
 const SIZE: u32 = 64;
@@ -33,45 +34,8 @@ const SIZE: u32 = 64;
 /// data is built before decoding, in pieces under it.
 const MAX_ALLOCATION: usize = 2 * (16 << 20);
 
-struct Bounded;
-/// Set when an allocation was refused: callers that use `try_reserve` (`read_to_end`) turn the
-/// refusal into an error instead of an abort, so every case checks this too.
-static REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Fails the case if any allocation of this binary was refused so far.
-fn assert_nothing_refused() {
-    assert!(!REFUSED.load(std::sync::atomic::Ordering::SeqCst), "an allocation over the bound was attempted");
-}
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator; only refuses (null) sizes over the bound, which Rust
-// turns into an abort, never into a use of the null pointer.
-unsafe impl GlobalAlloc for Bounded {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if l.size() > MAX_ALLOCATION {
-            eprintln!("fuzz: refused a single allocation of {} bytes", l.size());
-            REFUSED.store(true, std::sync::atomic::Ordering::SeqCst);
-            return std::ptr::null_mut();
-        }
-        LARGEST.fetch_max(l.size(), Ordering::Relaxed);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        if new > MAX_ALLOCATION {
-            eprintln!("fuzz: refused a single allocation of {new} bytes");
-            REFUSED.store(true, std::sync::atomic::Ordering::SeqCst);
-            return std::ptr::null_mut();
-        }
-        LARGEST.fetch_max(new, Ordering::Relaxed);
-        unsafe { System.realloc(p, l, new) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Bounded = Bounded;
+static GLOBAL: testkit::alloc::Bounded = testkit::alloc::Bounded(MAX_ALLOCATION);
 
 /// Decodes within the limits; whatever the outcome, a success must respect them.
 fn check(bytes: &[u8]) {
@@ -84,30 +48,6 @@ fn check(bytes: &[u8]) {
         assert_eq!(px.len(), (SIZE * SIZE * 3) as usize);
         assert_nothing_refused();
     }
-}
-
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &b in bytes {
-        c ^= b as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
-        }
-    }
-    !c
-}
-
-/// `n` copies of `byte`, zlib-compressed, fed in 1 MiB pieces.
-fn zlib(n: usize, byte: u8) -> Vec<u8> {
-    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
-    let block = vec![byte; 1 << 20];
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(block.len());
-        z.write_all(&block[..k]).unwrap();
-        left -= k;
-    }
-    z.finish().unwrap()
 }
 
 /// One PNG chunk, described: its type, its data, whether its CRC is right.
@@ -161,7 +101,7 @@ fn png() -> impl Strategy<Value = Vec<u8>> {
         any::<bool>(),
     )
         .prop_map(|(w, h, depth, colour, interlace, chunks, good_crc, cut, whole)| {
-            let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+            let mut out = testkit::png::SIGNATURE.to_vec();
             let mut put = |kind: &[u8], data: &[u8], good: bool| {
                 out.extend_from_slice(&(data.len() as u32).to_be_bytes());
                 let body = [kind, data].concat();
@@ -173,16 +113,16 @@ fn png() -> impl Strategy<Value = Vec<u8>> {
             for c in &chunks {
                 match c {
                     PngChunk::Raw(k, d) => put(k, d, good_crc),
-                    PngChunk::Idat(n, b) => put(b"IDAT", &zlib(*n, *b), true),
+                    PngChunk::Idat(n, b) => put(b"IDAT", &zlib(*n, *b, 1), true),
                     PngChunk::Inflating(k, n) => {
                         let head: &[u8] = if k == b"iTXt" { b"k\0\x01\0\0\0" } else { b"k\0\0" };
-                        put(k, &[head, &zlib(*n, 0)].concat(), true)
+                        put(k, &[head, &zlib(*n, 0, 1)].concat(), true)
                     }
                 }
             }
             let raw = raw_len(w, h, depth, colour);
             if whole && raw <= 64 << 20 {
-                put(b"IDAT", &zlib(raw as usize, 0), true);
+                put(b"IDAT", &zlib(raw as usize, 0, 1), true);
             }
             put(b"IEND", &[], true);
             // Most files whole, some cut anywhere.
@@ -339,15 +279,15 @@ proptest! {
     }
 }
 
-/// The bound itself is live: the largest allocation the targets made is printed, and a decode of
-/// a legal image at the limits needs most of the budget (so the bound is not trivially loose).
+/// The allocation counter is live: a legal 1024 x 1024 decode is seen allocating its 3 MiB
+/// image (the largest allocation of the targets so far is printed beside the bound).
 #[test]
-fn largest_allocation_of_a_legal_decode_is_near_the_bound() {
+fn the_allocation_counter_sees_a_legal_decode() {
     let img = image::RgbImage::from_pixel(1024, 1024, image::Rgb([1, 2, 3]));
     let mut bytes = Vec::new();
     img.write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
     check(&bytes);
-    let largest = LARGEST.load(Ordering::Relaxed);
+    let largest = testkit::alloc::largest();
     println!("largest single allocation so far: {largest} bytes (bound {MAX_ALLOCATION})");
     assert!(largest >= 3 << 20, "{largest}");
 }

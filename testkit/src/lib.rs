@@ -1,6 +1,10 @@
 //! What the tests of every crate share: where the repository, `../shared` and the converted
-//! weights are, scratch folders, small subsets of the footwear photos, tensor comparisons.
+//! weights are, scratch folders, small subsets of the footwear photos, tensor comparisons,
+//! hand-built PNG files ([`png`]) and an allocator that bounds a test binary ([`alloc`]).
 //! A dev-dependency only; nothing here ships.
+
+pub mod alloc;
+pub mod png;
 
 use std::path::{Path, PathBuf};
 
