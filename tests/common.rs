@@ -72,7 +72,7 @@ pub fn trained() -> &'static Trained {
             ort: inference::SessionConfig { threads: 2, ort_lib: Some(ort_lib()), ..Default::default() },
         };
         exporter::export(&o).expect("exporting the small model");
-        Trained { dir, onnx, data, test_accuracy: outcome.test.accuracy }
+        Trained { dir, onnx, data, test_accuracy: outcome.test.as_ref().expect("the test split is evaluated").accuracy }
     })
 }
 

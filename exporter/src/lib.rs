@@ -1,7 +1,9 @@
 //! The exporter: a model directory (a training run, or a model imported from Keras) → one
 //! self-describing `model.onnx`, verified against the Candle model before it replaces anything.
 
-pub mod graph;
+pub mod calibrate;
+pub use onnxgraph as graph;
+pub mod int8;
 pub mod triton;
 pub mod verify;
 
@@ -38,6 +40,7 @@ pub struct ExportOptions {
 }
 
 /// What an export produced.
+#[derive(Debug)]
 pub struct Exported {
     pub path: PathBuf,
     pub bytes: usize,
@@ -62,7 +65,12 @@ pub fn export(o: &ExportOptions) -> anyhow::Result<Exported> {
     let desc = &dir.description;
     let weights = load_weights(&dir)?;
     let toolchain = format!("{PRODUCER} {} (opset {})", env!("CARGO_PKG_VERSION"), graph::OPSET);
-    let props = onnx_meta::properties(desc, o.input_type, o.model_version, &toolchain);
+    let mut props = onnx_meta::properties(desc, o.input_type, o.model_version, &toolchain);
+    let precision = match o.precision {
+        OnnxPrecision::F32 => onnx_meta::Precision::Float32,
+        OnnxPrecision::F16 => onnx_meta::Precision::Float16,
+    };
+    props.push((onnx_meta::PRECISION.into(), precision.as_str().into()));
     let model = graph::build(
         desc,
         &weights,

@@ -12,12 +12,35 @@ use std::path::PathBuf;
 struct Args {
     /// Model directory: model.json + model.safetensors (a trainer run, or `keras-import` output).
     run_dir: PathBuf,
-    /// Output file [default: RUN_DIR/model.onnx].
+    /// Output file [default: RUN_DIR/model.onnx; RUN_DIR/model.int8.onnx for int8].
     #[arg(short, long)]
     out: Option<PathBuf>,
-    /// Weight and activation precision (f16: for the CUDA execution provider).
+    /// Weight and activation precision (f16: for the CUDA execution provider; int8: quantized
+    /// for CPUs, calibrated and verified on photos).
     #[arg(long, value_enum, default_value = "f32")]
-    precision: OnnxPrecision,
+    precision: PrecisionArg,
+    /// int8: photos to calibrate on (files, or folders of class folders) [default: the run's
+    /// training split].
+    #[arg(long, num_args = 1..)]
+    calibration_photos: Vec<PathBuf>,
+    /// int8: how many calibration photos, the same number per class.
+    #[arg(long, default_value_t = 300)]
+    calibration_count: usize,
+    /// int8: seed of the choice of calibration photos.
+    #[arg(long, default_value_t = 0)]
+    calibration_seed: u64,
+    /// int8: how activation ranges are taken from the calibration.
+    #[arg(long, value_enum, default_value = "percentile")]
+    calibration_method: exporter::calibrate::Method,
+    /// int8: the percentile of `--calibration-method percentile`.
+    #[arg(long, default_value_t = 99.99)]
+    percentile: f64,
+    /// int8: layers that keep float weights, comma-separated (e.g. block1_conv1,head_logits).
+    #[arg(long, value_delimiter = ',')]
+    keep_float: Vec<String>,
+    /// int8: labelled folder the file is verified on [default: the run's test split].
+    #[arg(long)]
+    verify_on: Option<PathBuf>,
     /// Graph input: uint8 resized pixels (scaled in the graph), or float32 already scaled
     /// (for tools that feed only float tensors).
     #[arg(long, value_enum, default_value = "uint8")]
@@ -57,6 +80,13 @@ struct Args {
     threads: usize,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PrecisionArg {
+    F32,
+    F16,
+    Int8,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum InputArg {
     Uint8,
@@ -71,12 +101,13 @@ fn main() -> anyhow::Result<()> {
         .with_target(false)
         .init();
     let a = Args::parse();
-    let out = a.out.clone().unwrap_or_else(|| a.run_dir.join("model.onnx"));
+    let default_name = if a.precision == PrecisionArg::Int8 { "model.int8.onnx" } else { "model.onnx" };
+    let out = a.out.clone().unwrap_or_else(|| a.run_dir.join(default_name));
     let ort = inference::SessionConfig { threads: a.threads, ort_lib: a.ort_lib.clone(), ..Default::default() };
     let o = ExportOptions {
         run_dir: a.run_dir.clone(),
         out,
-        precision: a.precision,
+        precision: if a.precision == PrecisionArg::F16 { OnnxPrecision::F16 } else { OnnxPrecision::F32 },
         input_type: match a.input_type {
             InputArg::Uint8 => modelspec::onnx_meta::InputType::Uint8,
             InputArg::Float32 => modelspec::onnx_meta::InputType::Float32,
@@ -86,16 +117,35 @@ fn main() -> anyhow::Result<()> {
         samples: a.samples.clone(),
         max_samples: a.max_samples,
         candle_onnx: !a.no_candle_onnx,
-        tolerance: a.tolerance.unwrap_or(match a.precision {
-            OnnxPrecision::F32 => 1e-4,
-            OnnxPrecision::F16 => 5e-2,
-        }),
+        tolerance: a.tolerance.unwrap_or(if a.precision == PrecisionArg::F16 { 5e-2 } else { 1e-4 }),
         ort: ort.clone(),
     };
-    let e = export(&o)?;
-    if let Some(r) = &e.report {
-        println!("{r}");
-    }
+    let e = if a.precision == PrecisionArg::Int8 {
+        let q = exporter::int8::Int8Options {
+            calibration: exporter::calibrate::CalibrationOptions {
+                photos: a.calibration_photos.clone(),
+                count: a.calibration_count,
+                seed: a.calibration_seed,
+                method: a.calibration_method,
+                percentile: a.percentile,
+                ..Default::default()
+            },
+            keep_float: a.keep_float.clone(),
+            verify_on: a.verify_on.clone(),
+            ..Default::default()
+        };
+        let (e, report) = exporter::int8::export_int8(&o, &q)?;
+        if let Some(r) = &report {
+            println!("{r}");
+        }
+        e
+    } else {
+        let e = export(&o)?;
+        if let Some(r) = &e.report {
+            println!("{r}");
+        }
+        e
+    };
     println!("wrote {} ({:.1} MB)", e.path.display(), e.bytes as f64 / 1e6);
     if let Some(p) = &e.report_path {
         println!("verification report: {}", p.display());
@@ -108,7 +158,7 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(repo) = &a.triton {
         let desc = modelspec::ModelDescription::load(&a.run_dir).context("reading the model description")?;
-        let d = triton::write(repo, &desc, &e.path, a.triton_max_batch, a.precision == OnnxPrecision::F16)?;
+        let d = triton::write(repo, &desc, &e.path, a.triton_max_batch, a.precision == PrecisionArg::F16)?;
         println!("Triton model repository: {}", d.display());
     }
     Ok(())

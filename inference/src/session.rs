@@ -27,6 +27,9 @@ pub struct SessionConfig {
     /// keep the arena: for a server, whose batch sizes vary, it saves memory at no cost in
     /// speed (measured: 147-150 instead of 167-169 MiB resident, same requests/s).
     pub no_memory_pattern: bool,
+    /// Write the graph as ONNX Runtime optimized it here (to check which kernels it chose, e.g.
+    /// that an int8 file's QDQ nodes were fused into integer operators).
+    pub optimized_model: Option<PathBuf>,
 }
 
 /// Why a model cannot be loaded or run.
@@ -138,6 +141,9 @@ impl OnnxModel {
         if cfg.no_spin {
             builder = builder.with_intra_op_spinning(false).map_err(|e| session_err(e.to_string()))?;
         }
+        if let Some(p) = &cfg.optimized_model {
+            builder = builder.with_optimized_model_path(p).map_err(|e| session_err(e.to_string()))?;
+        }
         let session = match builder.commit_from_memory(bytes) {
             Ok(s) => s,
             // The provider registered, but CUDA itself failed when the session started (no GPU,
@@ -241,5 +247,54 @@ impl OnnxModel {
                 probabilities: probs[i * k..(i + 1) * k].to_vec(),
             })
             .collect())
+    }
+}
+
+/// One output of a [`FloatSession`]: its shape and values.
+pub type FloatOutput = (Vec<usize>, Vec<f32>);
+
+/// A plain float32 graph (no classifier metadata): one input, named float32 outputs. The
+/// trainer runs its frozen base through it (`onnxgraph::build_frozen`).
+pub struct FloatSession {
+    session: Session,
+    name: PathBuf,
+}
+
+impl FloatSession {
+    /// Loads a model from memory with `threads` intra-op threads (0: one per core) on the CPU;
+    /// `name` names it in errors.
+    pub fn from_bytes(bytes: &[u8], name: &Path, threads: usize, ort_lib: Option<&Path>) -> Result<Self, SessionError> {
+        ortlib::init(ort_lib, false)?;
+        let env = ortlib::environment().expect("initialised above");
+        let session_err = |reason: String| SessionError::Session { path: name.into(), reason };
+        let mut builder = Session::builder(env).map_err(|e| session_err(e.to_string()))?;
+        if threads > 0 {
+            builder = builder.with_intra_threads(threads).map_err(|e| session_err(e.to_string()))?;
+        }
+        let session = builder.commit_from_memory(bytes).map_err(|e| session_err(e.to_string()))?;
+        Ok(Self { session, name: name.into() })
+    }
+
+    /// Runs `input` of `shape` and returns the outputs `names`, each as (shape, values).
+    pub fn run(&mut self, input: Vec<f32>, shape: &[usize], names: &[&str]) -> Result<Vec<FloatOutput>, SessionError> {
+        if input.len() != shape.iter().product::<usize>() {
+            return Err(SessionError::Input(format!("{} values for shape {shape:?}", input.len())));
+        }
+        let x = Tensor::from_array((shape.to_vec(), input.into_boxed_slice()))
+            .map_err(|e| SessionError::Input(e.to_string()))?;
+        let input_name = self.session.inputs()[0].name().to_string();
+        let outputs = self
+            .session
+            .run(ort::inputs![input_name => x])
+            .map_err(|e| SessionError::Run(format!("{}: {e}", self.name.display())))?;
+        names
+            .iter()
+            .map(|name| {
+                let v = outputs.get(name).ok_or_else(|| SessionError::Run(format!("no output `{name}`")))?;
+                let (shape, data) =
+                    v.try_extract_tensor::<f32>().map_err(|e| SessionError::Run(format!("{name}: {e}")))?;
+                Ok((shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
+            })
+            .collect()
     }
 }

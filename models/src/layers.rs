@@ -95,6 +95,15 @@ impl Block {
         }
         s
     }
+
+    /// Channels of the block's output.
+    pub fn channels_out(&self) -> usize {
+        match (self.sepconvs.last(), self.convs.last()) {
+            (Some(s), _) => s.cout,
+            (None, Some(c)) => c.cout,
+            (None, None) => unreachable!("every block has a convolution"),
+        }
+    }
 }
 
 /// The 14 blocks of Xception, in order: the stem (two dense convolutions), the entry flow

@@ -154,6 +154,8 @@ struct SepConvBn {
     dtype: DType,
     relu: Relu,
     tap: String,
+    /// The depthwise output's name for taps: `{name}_depthwise` (no Keras layer gives it).
+    depthwise_tap: String,
 }
 
 impl SepConvBn {
@@ -169,13 +171,15 @@ impl SepConvBn {
             dtype: mode.dtype,
             relu: spec.relu,
             tap: tap_name(&spec.name, spec.relu),
+            depthwise_tap: format!("{}_depthwise", spec.name),
         })
     }
 
     /// The ReLU before is fused into the depthwise kernel, the one after into the pointwise
     /// product.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, tap: Taps) -> Result<Tensor> {
         let d = depthwise_conv2d_opt(x, &cast(&self.depthwise, self.dtype)?, Padding::Same, self.relu == Relu::Before)?;
+        tap(&self.depthwise_tap, &d);
         let (n, h, w, c) = d.dims4()?;
         let y = self.pointwise.forward(&d.reshape((n * h * w, c))?, self.relu == Relu::After)?;
         y.reshape((n, h, w, y.dim(1)?))
@@ -231,7 +235,11 @@ impl BlockImpl {
         let residual = match &self.residual {
             None => None,
             Some(ResidualImpl::Identity) => Some(x.clone()),
-            Some(ResidualImpl::Conv(conv)) => Some(conv.forward(x)?),
+            Some(ResidualImpl::Conv(conv)) => {
+                let r = conv.forward(x)?;
+                tap(&conv.tap, &r);
+                Some(r)
+            }
         };
         let mut y = x.clone();
         for c in &self.convs {
@@ -239,7 +247,7 @@ impl BlockImpl {
             tap(&c.tap, &y);
         }
         for s in &self.sepconvs {
-            y = s.forward(&y)?;
+            y = s.forward(&y, tap)?;
             tap(&s.tap, &y);
         }
         if self.pool {

@@ -32,6 +32,10 @@ pub const SOURCE: &str = "source";
 pub const TOOLCHAIN: &str = "toolchain";
 /// JSON of the classifier head's sizes, `null` for a bare feature extractor.
 pub const HEAD: &str = "head";
+/// [`Precision`] of the weights and arithmetic (`float32` when absent: files written before it).
+pub const PRECISION: &str = "precision";
+/// JSON of an int8 file's calibration (method, photos, seed), absent otherwise.
+pub const CALIBRATION: &str = "calibration";
 
 /// Names of the graph's input and outputs.
 pub const INPUT_NAME: &str = "image";
@@ -59,6 +63,17 @@ string_enum! {
     }
 }
 
+string_enum! {
+    /// Number format of a file's weights and arithmetic.
+    pub enum Precision {
+        Float32 = "float32",
+        /// Weights and activations in float16 (for the CUDA execution provider).
+        Float16 = "float16",
+        /// int8 weights and uint8 activations in ONNX's QDQ form (for CPUs).
+        Int8 = "int8",
+    }
+}
+
 /// Everything a runtime learns from the metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OnnxInfo {
@@ -67,6 +82,9 @@ pub struct OnnxInfo {
     pub input_type: InputType,
     pub preprocessing: OnnxPreprocessing,
     pub toolchain: String,
+    pub precision: Precision,
+    /// An int8 file's calibration, as written (JSON).
+    pub calibration: Option<serde_json::Value>,
 }
 
 /// A missing or malformed metadata property.
@@ -117,7 +135,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<OnnxInfo, MetaError
 }
 
 /// Every property this module writes.
-const KEYS: [&str; 12] = [
+const KEYS: [&str; 14] = [
     CLASSES,
     INPUT_SIZE,
     LAYOUT,
@@ -130,6 +148,8 @@ const KEYS: [&str; 12] = [
     METRICS,
     SOURCE,
     TOOLCHAIN,
+    PRECISION,
+    CALIBRATION,
 ];
 
 fn parse_checked(get: impl Fn(&str) -> Option<String>) -> Result<OnnxInfo, MetaError> {
@@ -182,6 +202,17 @@ fn parse_checked(get: impl Fn(&str) -> Option<String>) -> Result<OnnxInfo, MetaE
         input_type: parsed(&get, INPUT_TYPE)?,
         preprocessing,
         toolchain: get(TOOLCHAIN).unwrap_or_default(),
+        precision: match get(PRECISION) {
+            Some(p) => p.trim().parse().map_err(|reason| MetaError { key: PRECISION, reason })?,
+            None => Precision::Float32,
+        },
+        calibration: match get(CALIBRATION) {
+            Some(c) => Some(
+                serde_json::from_str(&c)
+                    .map_err(|e| MetaError { key: CALIBRATION, reason: format!("not valid JSON: {e}") })?,
+            ),
+            None => None,
+        },
     })
 }
 
@@ -222,6 +253,16 @@ mod tests {
         assert_eq!(info.model_version, 3);
         assert_eq!(info.input_type, InputType::Uint8);
         assert!(info.preprocessing.scaling_in_graph);
+        assert_eq!((info.precision, info.calibration), (Precision::Float32, None));
+        let mut int8 = props.clone();
+        int8.insert(PRECISION.into(), "int8".into());
+        int8.insert(CALIBRATION.into(), r#"{"method":"percentile"}"#.into());
+        let info = parse(|k| int8.get(k).cloned()).unwrap();
+        assert_eq!(info.precision, Precision::Int8);
+        assert_eq!(info.calibration.unwrap()["method"], "percentile");
+        int8.insert(PRECISION.into(), "int4".into());
+        let e = parse(|k| int8.get(k).cloned()).unwrap_err();
+        assert_eq!(e.key, PRECISION);
     }
 
     #[test]

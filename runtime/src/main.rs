@@ -160,6 +160,7 @@ fn session_config(m: &ModelArgs, serving: bool) -> SessionConfig {
         no_arena: m.no_memory_arena,
         no_spin: m.no_spin,
         no_memory_pattern: serving,
+        optimized_model: None,
     }
 }
 
@@ -167,10 +168,11 @@ fn load(m: &ModelArgs, serving: bool) -> anyhow::Result<OnnxModel> {
     let t = Instant::now();
     let model = OnnxModel::load(&m.model, &session_config(m, serving))?;
     tracing::info!(
-        "{}: model `{}` v{}, {} classes, {} px, execution provider {}, loaded in {:.0} ms",
+        "{}: model `{}` v{} ({}), {} classes, {} px, execution provider {}, loaded in {:.0} ms",
         m.model.display(),
         model.info.description.name,
         model.info.model_version,
+        model.info.precision,
         model.classes().len(),
         model.input_size(),
         model.provider,
@@ -350,6 +352,8 @@ fn info(m: &ModelArgs) -> anyhow::Result<ExitCode> {
         "metrics": i.description.metrics,
         "source": i.description.source,
         "toolchain": i.toolchain,
+        "precision": i.precision,
+        "calibration": i.calibration,
         "execution_provider": model.provider,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);

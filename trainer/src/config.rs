@@ -49,6 +49,19 @@ impl ComputePrecision {
     }
 }
 
+/// What runs the frozen blocks when the feature caches are built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheEngine {
+    /// ONNX Runtime when its library is found (and the run is f32 on the CPU), else Candle.
+    #[default]
+    Auto,
+    /// The Candle network.
+    Candle,
+    /// ONNX Runtime; an error if its library is missing or its features disagree.
+    Onnxruntime,
+}
+
 /// One training phase.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -127,12 +140,19 @@ pub struct TrainConfig {
     pub name: String,
     /// Folder for feature caches on disk (reused by later runs and by `--resume`); empty: memory only.
     pub feature_cache: PathBuf,
+    /// What runs the frozen blocks for the feature caches.
+    pub cache_engine: CacheEngine,
+    /// ONNX Runtime's library for the cache engine (else $ORT_DYLIB_PATH or .local/onnxruntime/).
+    pub ort_lib: Option<PathBuf>,
+    /// Evaluate on the test split at the end (off while choosing a recipe: the test split is
+    /// looked at once, for the final figure).
+    pub evaluate_test: bool,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            data: "../shared/data/footwear".into(),
+            data: "../shared/data/footwear-15k".into(),
             base: "weights/xception-imagenet".into(),
             out: "runs/footwear".into(),
             image_size: 224,
@@ -148,7 +168,7 @@ impl Default for TrainConfig {
             augment: AugmentConfig::default(),
             head: PhaseConfig { epochs: 30, lr: 1e-3, patience: 6, ..PhaseConfig::default() },
             fine_tune: PhaseConfig {
-                epochs: 8,
+                epochs: 5,
                 lr: 1e-4,
                 patience: 3,
                 weight_decay: 1e-4,
@@ -158,6 +178,9 @@ impl Default for TrainConfig {
             strict: false,
             name: "footwear".into(),
             feature_cache: "runs/feature-cache".into(),
+            cache_engine: CacheEngine::Auto,
+            ort_lib: None,
+            evaluate_test: true,
         }
     }
 }

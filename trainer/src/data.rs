@@ -3,7 +3,7 @@
 //! listed and decoded with the preprocessing the runtime uses (`modelspec::preprocess`: its one
 //! folder walk and its one batch loop) and kept as 8-bit RGB at the input size.
 
-use indicatif::{ProgressBar, ProgressStyle};
+use crate::progress::Progress;
 use modelspec::preprocess::{decode_batch, image_files, DecodeLimits, Source};
 use modelspec::Preprocessing;
 use std::path::{Path, PathBuf};
@@ -117,18 +117,6 @@ impl Images {
     }
 }
 
-/// A progress bar in the house style: count, rate, ETA.
-pub fn progress(len: usize, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{msg:>18} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
-}
-
 /// Decodes and resizes the samples in parallel. Unreadable files are returned as `skipped`
 /// (path and reason) or, when `strict`, fail the whole load.
 pub fn load(
@@ -138,7 +126,7 @@ pub fn load(
     strict: bool,
     what: &str,
 ) -> Result<(Images, Vec<(PathBuf, String)>), DataError> {
-    let pb = progress(samples.len(), what);
+    let pb = Progress::new(samples.len(), what);
     let mut images = Images {
         size,
         pixels: Vec::with_capacity(samples.len() * size * size * 3),
@@ -161,7 +149,7 @@ pub fn load(
         }
         pb.inc(chunk.len() as u64);
     }
-    pb.finish_and_clear();
+    pb.finish();
     Ok((images, skipped))
 }
 

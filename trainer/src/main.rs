@@ -8,7 +8,7 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use trainer::config::{ComputePrecision, OptimizerKind, Schedule, TrainConfig};
+use trainer::config::{CacheEngine, ComputePrecision, OptimizerKind, Schedule, TrainConfig};
 
 #[global_allocator]
 static GLOBAL: models::alloc::Allocator = models::alloc::Allocator;
@@ -27,8 +27,38 @@ enum Cmd {
     /// Train every combination of a grid (reusing the feature caches), ranked by validation
     /// accuracy; phase 2 is skipped unless --fine-tune-epochs is given.
     Sweep(SweepArgs),
+    /// Metrics and confusion matrix of a trained run on labelled folders (FOLDER/<class>/...).
+    Eval(EvalArgs),
     /// Print the default configuration as TOML.
     DefaultConfig,
+}
+
+#[derive(clap::Args, Debug)]
+struct EvalArgs {
+    /// The run directory (model.json + model.safetensors).
+    run_dir: PathBuf,
+    /// Labelled folders, one sub-folder per class.
+    #[arg(required = true)]
+    folders: Vec<PathBuf>,
+    /// Only the files whose name matches this regular expression, e.g. the later photos of
+    /// footwear-15k: '_(200[1-9]|20[1-9][0-9]|2[1-9][0-9]{2}|[3-9][0-9]{3})\.jpg$'
+    #[arg(long)]
+    only: Option<regex::Regex>,
+    /// What runs the network (auto: ONNX Runtime if found, else Candle).
+    #[arg(long, value_enum, default_value = "auto")]
+    engine: CacheEngine,
+    /// ONNX Runtime library (else $ORT_DYLIB_PATH or .local/onnxruntime/).
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
+    /// Images per batch.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Also write the reports (metrics, confusion matrices, misclassified files) as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// List every misclassified file.
+    #[arg(long)]
+    errors: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -124,6 +154,18 @@ struct TrainArgs {
     /// Float type of the network: `f32`, or `bf16` mixed precision (for `--device cuda`).
     #[arg(long, value_enum)]
     precision: Option<ComputePrecision>,
+    /// What runs the frozen blocks for the feature caches (auto: ONNX Runtime if found).
+    #[arg(long, value_enum)]
+    cache_engine: Option<CacheEngine>,
+    /// ONNX Runtime library for the cache engine (else $ORT_DYLIB_PATH or .local/onnxruntime/).
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
+    /// Folder of the feature caches on disk ("" keeps them in memory).
+    #[arg(long)]
+    feature_cache: Option<PathBuf>,
+    /// Do not evaluate on the test split (while choosing a recipe on validation).
+    #[arg(long)]
+    skip_test: bool,
 }
 
 fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
@@ -155,6 +197,14 @@ fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     set!(fine_tune.lr = a.fine_tune_lr);
     set!(fine_tune.ema = a.fine_tune_ema);
     set!(label_smoothing = a.label_smoothing);
+    set!(cache_engine = a.cache_engine);
+    set!(feature_cache = a.feature_cache);
+    if a.ort_lib.is_some() {
+        c.ort_lib = a.ort_lib.clone();
+    }
+    if a.skip_test {
+        c.evaluate_test = false;
+    }
     for p in [&mut c.head, &mut c.fine_tune] {
         if let Some(o) = a.optimizer {
             p.optimizer = o;
@@ -196,6 +246,33 @@ fn main() -> anyhow::Result<()> {
         .with_target(false)
         .init();
     match Cli::parse().cmd {
+        Cmd::Eval(a) => {
+            let o = trainer::eval::EvalOptions {
+                run_dir: a.run_dir,
+                folders: a.folders,
+                only: a.only,
+                engine: a.engine,
+                ort_lib: a.ort_lib,
+                batch: a.batch,
+            };
+            let reports = trainer::eval::evaluate(&o)?;
+            for r in &reports {
+                let only = r.only.as_ref().map(|p| format!(", files matching `{p}`")).unwrap_or_default();
+                println!("{}{only} ({}):\n{}", r.folder.display(), r.engine, r.report.table());
+                for u in &r.unreadable {
+                    println!("unreadable, skipped: {u}");
+                }
+                if a.errors {
+                    for (f, t, p) in &r.errors {
+                        println!("wrong: {} ({t}, predicted {p})", f.display());
+                    }
+                }
+            }
+            if let Some(p) = &a.json {
+                std::fs::write(p, serde_json::to_string_pretty(&reports)?)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+        }
         Cmd::DefaultConfig => print!("{}", TrainConfig::default().to_toml()),
         Cmd::Sweep(a) => {
             let mut cfg = config(&a.train)?;
@@ -228,7 +305,10 @@ fn main() -> anyhow::Result<()> {
             let dev = device(&a.device, cfg.precision)?;
             let o = trainer::train::run(&cfg, a.resume, &dev)?;
             println!("\nvalidation:\n{}", o.validation.table());
-            println!("test:\n{}", o.test.table());
+            match &o.test {
+                Some(t) => println!("test:\n{}", t.table()),
+                None => println!("test: not evaluated (--skip-test)"),
+            }
             println!("run directory: {} ({:.0} s)", o.run_dir.display(), o.seconds);
         }
     }

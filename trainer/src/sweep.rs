@@ -33,7 +33,8 @@ pub struct Row {
     pub inner: usize,
     pub val_accuracy: f64,
     pub val_macro_f1: f64,
-    pub test_accuracy: f64,
+    /// `None` when the test split is skipped.
+    pub test_accuracy: Option<f64>,
     pub seconds: f64,
 }
 
@@ -79,7 +80,7 @@ pub fn sweep(base: &TrainConfig, grid: &Grid, out: &Path, dev: &Device) -> anyho
                                 inner,
                                 val_accuracy: o.validation.accuracy,
                                 val_macro_f1: o.validation.macro_f1,
-                                test_accuracy: o.test.accuracy,
+                                test_accuracy: o.test.as_ref().map(|t| t.accuracy),
                                 seconds: o.seconds,
                             };
                             // Only the best run's weights are kept.
@@ -121,8 +122,12 @@ fn write(rows: &[Row], out: &Path) -> anyhow::Result<()> {
     let mut md = String::from("| run | val acc | val macro-F1 | test acc | seconds |\n|---|---|---|---|---|\n");
     for r in &sorted {
         md += &format!(
-            "| {} | {:.4} | {:.4} | {:.4} | {:.0} |\n",
-            r.run, r.val_accuracy, r.val_macro_f1, r.test_accuracy, r.seconds
+            "| {} | {:.4} | {:.4} | {} | {:.0} |\n",
+            r.run,
+            r.val_accuracy,
+            r.val_macro_f1,
+            r.test_accuracy.map_or("-".into(), |a| format!("{a:.4}")),
+            r.seconds
         );
     }
     std::fs::write(out.join("sweep.md"), md)?;

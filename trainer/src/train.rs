@@ -7,12 +7,13 @@
 //! a resumed run ends where an uninterrupted one would have.
 
 use crate::checkpoint::{Checkpoint, Phase, Section, TrainState};
-use crate::config::{PhaseConfig, Schedule, TrainConfig};
+use crate::config::{CacheEngine, ComputePrecision, PhaseConfig, Schedule, TrainConfig};
 use crate::data::{self, Images, SPLITS};
-use crate::features::{self, CacheSpec, FeatureCache};
+use crate::features::{self, CacheSpec, Engine, FeatureCache};
 use crate::history::{self, Epoch};
 use crate::metrics::{self, Report};
 use crate::optim::Optimizer;
+use crate::progress::Progress;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
@@ -33,7 +34,8 @@ use std::time::Instant;
 pub struct Outcome {
     pub run_dir: PathBuf,
     pub validation: Report,
-    pub test: Report,
+    /// `None` when the configuration skips the test split.
+    pub test: Option<Report>,
     pub seconds: f64,
 }
 
@@ -193,7 +195,7 @@ impl PhaseRunner<'_> {
             let v = epoch % train.variants;
             let mut items: Vec<usize> = (0..train.n).map(|i| v * train.n + i).collect();
             items.shuffle(&mut rng);
-            let pb = data::progress(items.len(), &format!("phase {phase} epoch {}", epoch + 1));
+            let pb = Progress::new(items.len(), &format!("phase {phase} epoch {}", epoch + 1));
             let (mut loss_sum, mut correct) = (0f64, 0usize);
             for batch in items.chunks(cfg.batch_size) {
                 let mask = if dropout > 0.0 {
@@ -223,7 +225,7 @@ impl PhaseRunner<'_> {
                 correct += p.iter().zip(batch).filter(|(p, &i)| **p == train.labels[i]).count();
                 pb.inc(batch.len() as u64);
             }
-            pb.finish_and_clear();
+            pb.finish();
             // Validation (and the best snapshot) with the averaged weights when averaging is on.
             let raw = match &ema {
                 Some(e) => Some(swap_in(&vars, e)?),
@@ -328,6 +330,8 @@ pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
     let opts = XceptionOptions { trainable_from: None, compute_dtype: cfg.precision.dtype() };
     let frozen = Xception::new(base_dir.var_builder(dev), opts)?;
     let upto = cache_upto(cfg);
+    let mut engine = cache_engine(cfg, &base_dir, &frozen, upto, dev)?;
+    tracing::info!("feature caches: frozen blocks on {}", engine.name());
     let tc = Instant::now();
     let mut caches = Vec::new();
     for (i, split) in SPLITS.iter().enumerate() {
@@ -337,29 +341,86 @@ pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
             seed: cfg.seed,
             stream: i as u64,
             upto,
+            maps: cfg.fine_tunes(),
             batch: 32,
             prep: &prep,
             dtype: cfg.precision.dtype(),
         };
-        let key = features::disk_key(&images[i], &spec, &cfg.base.join(modelspec::WEIGHTS_FILE));
-        let disk = (!cfg.feature_cache.as_os_str().is_empty()).then_some(&cfg.feature_cache);
-        if let Some(c) = disk.and_then(|d| features::load(d, &key)) {
+        if i == 2 && !cfg.evaluate_test {
+            // Not looked at: an empty cache.
+            let empty = Images { size: images[i].size, pixels: vec![], labels: vec![], paths: vec![] };
+            caches.push(features::build(&mut engine, &empty, &spec, None, "features test", dev)?);
+            continue;
+        }
+        let keys = features::disk_keys(&images[i], &spec, &cfg.base.join(modelspec::WEIGHTS_FILE), &engine.name());
+        let disk = (!cfg.feature_cache.as_os_str().is_empty()).then_some(cfg.feature_cache.as_path());
+        if let Some(c) = disk.and_then(|d| features::load(d, &keys, spec.maps)) {
             tracing::info!("{split}: feature cache read from {}", cfg.feature_cache.display());
             caches.push(c);
             continue;
         }
-        let c = features::build(&frozen, &images[i], &spec, &format!("features {split}"), dev)?;
-        if let Some(d) = disk {
-            if let Err(e) = features::save(d, &key, &c) {
-                tracing::warn!("{}: cannot save the feature cache: {e}", d.display());
-            }
-        }
+        let t = Instant::now();
+        let c = features::build(
+            &mut engine,
+            &images[i],
+            &spec,
+            disk.map(|d| (d, &keys)),
+            &format!("features {split}"),
+            dev,
+        )?;
+        tracing::info!(
+            "{split}: {} items through the frozen blocks in {:.0} s ({:.1} img/s)",
+            c.items(),
+            t.elapsed().as_secs_f64(),
+            c.items() as f64 / t.elapsed().as_secs_f64()
+        );
         caches.push(c);
     }
     let caches: [FeatureCache; 3] = caches.try_into().map_err(|_| anyhow::anyhow!("three splits"))?;
     let cached: usize = caches.iter().map(|c| c.items()).sum();
     tracing::info!("feature cache: {cached} items through blocks 1-{upto} in {:.0} s", tc.elapsed().as_secs_f64());
     Ok(Prepared { classes: ds.classes, caches, base_tensors: base_dir.tensors, prep })
+}
+
+/// The engine of the feature caches (see [`CacheEngine`]).
+fn cache_engine<'a>(
+    cfg: &TrainConfig,
+    base_dir: &ModelDir,
+    frozen: &'a Xception,
+    upto: usize,
+    dev: &Device,
+) -> anyhow::Result<Engine<'a>> {
+    let usable = dev.is_cpu() && cfg.precision == ComputePrecision::F32;
+    match cfg.cache_engine {
+        CacheEngine::Candle => return Ok(Engine::Candle(frozen)),
+        CacheEngine::Auto if !usable => return Ok(Engine::Candle(frozen)),
+        CacheEngine::Onnxruntime if !usable => {
+            bail!("cache_engine onnxruntime: only for f32 training on the CPU (use auto or candle)")
+        }
+        _ => {}
+    }
+    let build = || -> anyhow::Result<Engine<'a>> {
+        let weights: onnxgraph::Weights = base_dir
+            .tensors
+            .iter()
+            .map(|(k, t)| {
+                Ok((k.clone(), (t.dims().to_vec(), t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let model = onnxgraph::build_frozen(&weights, cfg.image_size, upto)?;
+        let bytes = prost::Message::encode_to_vec(&model);
+        let name = PathBuf::from(format!("<frozen blocks 1-{upto}>"));
+        let session = inference::session::FloatSession::from_bytes(&bytes, &name, 0, cfg.ort_lib.as_deref())?;
+        Ok(Engine::OnnxRuntime { session: Box::new(session), upto, check: frozen })
+    };
+    match build() {
+        Ok(e) => Ok(e),
+        Err(e) if cfg.cache_engine == CacheEngine::Auto => {
+            tracing::warn!("ONNX Runtime unavailable for the feature caches, using Candle: {e:#}");
+            Ok(Engine::Candle(frozen))
+        }
+        Err(e) => Err(e.context("cache_engine onnxruntime")),
+    }
 }
 
 /// The last frozen block, whose output the cache holds.
@@ -413,7 +474,7 @@ pub fn train_prepared(
     let ckpt_path = out.join("checkpoint.safetensors");
     let caches = &p.caches;
     let fine_tune = cfg.fine_tunes();
-    if caches[0].map_dims[0] != models::layers::output_size_after(cfg.image_size, cache_upto(cfg)) {
+    if fine_tune && caches[0].map_dims[0] != models::layers::output_size_after(cfg.image_size, cache_upto(cfg)) {
         bail!("feature caches were built for another image size or block");
     }
     // The trainable network: base variables from the ImageNet weights, a seeded new head.
@@ -474,9 +535,13 @@ pub fn train_prepared(
     // Final metrics.
     let phase = if fine_tune { Phase::FineTune } else { Phase::Head };
     let (_, _, val_pred) = t.evaluate(phase, &caches[1], dev)?;
-    let (_, _, test_pred) = t.evaluate(phase, &caches[2], dev)?;
     let validation = metrics::evaluate(&val_pred, &caches[1].labels[..caches[1].n], &p.classes);
-    let test = metrics::evaluate(&test_pred, &caches[2].labels[..caches[2].n], &p.classes);
+    let test = if cfg.evaluate_test {
+        let (_, _, test_pred) = t.evaluate(phase, &caches[2], dev)?;
+        Some(metrics::evaluate(&test_pred, &caches[2].labels[..caches[2].n], &p.classes))
+    } else {
+        None
+    };
     let seconds = t0.elapsed().as_secs_f64();
 
     // The run directory.
@@ -498,8 +563,8 @@ pub fn train_prepared(
         source: format!("trainer run {} on {}", out.display(), cfg.data.display()),
         dataset: Some(cfg.data.clone()),
         metrics: Some(serde_json::json!({
-            "test_accuracy": test.accuracy,
-            "test_macro_f1": test.macro_f1,
+            "test_accuracy": test.as_ref().map(|t| t.accuracy),
+            "test_macro_f1": test.as_ref().map(|t| t.macro_f1),
             "validation_accuracy": validation.accuracy,
         })),
     };
@@ -516,12 +581,20 @@ pub fn train_prepared(
     std::fs::write(out.join("metrics.json"), serde_json::to_string_pretty(&metrics_json)?)?;
     std::fs::write(out.join("history.json"), serde_json::to_string_pretty(&state.history)?)?;
     history::write_csv(&state.history, &out.join("history.csv"))?;
-    test.write_csv(&out.join("test_metrics.csv"))?;
+    if let Some(test) = &test {
+        test.write_csv(&out.join("test_metrics.csv"))?;
+    }
     validation.write_csv(&out.join("validation_metrics.csv"))?;
-    for (what, r) in [
-        ("learning_curves.png", crate::plots::learning_curves(&state.history, &out.join("learning_curves.png"))),
-        ("confusion_test.png", crate::plots::confusion(&test, &out.join("confusion_test.png"))),
-    ] {
+    let mut plots =
+        vec![("learning_curves.png", crate::plots::learning_curves(&state.history, &out.join("learning_curves.png")))];
+    if let Some(test) = &test {
+        plots.push(("confusion_test.png", crate::plots::confusion(test, &out.join("confusion_test.png"))));
+    }
+    plots.push((
+        "confusion_validation.png",
+        crate::plots::confusion(&validation, &out.join("confusion_validation.png")),
+    ));
+    for (what, r) in plots {
         if let Err(e) = r {
             tracing::warn!("{what}: {e}");
         }

@@ -24,6 +24,10 @@ fn base() -> PathBuf {
     testkit::weights("xception-imagenet")
 }
 
+fn ort_lib() -> PathBuf {
+    inference::ortlib::installed(&testkit::repo())
+}
+
 fn small_config(data: &Path, out: &Path) -> TrainConfig {
     let mut c = TrainConfig {
         data: data.into(),
@@ -33,6 +37,8 @@ fn small_config(data: &Path, out: &Path) -> TrainConfig {
         variants: 2,
         fine_tune_from: 14,
         feature_cache: out.parent().unwrap().join("feature-cache"),
+        cache_engine: trainer::config::CacheEngine::Onnxruntime,
+        ort_lib: Some(ort_lib()),
         ..Default::default()
     };
     c.head.epochs = 4;
@@ -61,7 +67,9 @@ fn same_seed_same_result_and_resume_after_sigkill() {
     trainer::train::run(&small_config(&data, &a), false, &Device::Cpu).unwrap();
     trainer::train::run(&small_config(&data, &b), false, &Device::Cpu).unwrap();
     // Run b read its features from the disk cache that run a wrote.
-    assert!(std::fs::read_dir(root.join("feature-cache")).unwrap().count() >= 9);
+    // (Per split: pooled features, their header, the block maps, their header.)
+    let cache_files = || std::fs::read_dir(root.join("feature-cache")).unwrap().count();
+    assert_eq!(cache_files(), 12);
     let (ra, rb) = (results(&a), results(&b));
     assert_eq!(ra.0, rb.0, "same seed, different metrics");
     assert!(ra.1 == rb.1, "same seed, different weights");
@@ -94,6 +102,12 @@ fn same_seed_same_result_and_resume_after_sigkill() {
     let rk = results(&k);
     assert_eq!(rk.0, ra.0, "resumed run ends with other metrics");
     assert!(rk.1 == ra.1, "resumed run ends with other weights");
+
+    // Phase 2 off: the pooled features of the runs above are reused, nothing is recomputed.
+    let mut head_only = small_config(&data, &root.join("head-only"));
+    head_only.fine_tune.epochs = 0;
+    trainer::train::run(&head_only, false, &Device::Cpu).unwrap();
+    assert_eq!(cache_files(), 12, "phase 2 off recomputed features");
     std::fs::remove_dir_all(root).unwrap();
     std::fs::remove_dir_all(data).unwrap();
 }
@@ -118,13 +132,15 @@ fn cached_path_equals_direct_forward() {
         seed: 1,
         stream: 2,
         upto: 13,
+        maps: true,
         batch: 5,
         prep: &desc.preprocessing,
         dtype: candle_core::DType::F32,
     };
     // The cache is built with the frozen ImageNet base: blocks 1-13 are frozen in this run.
     let frozen = Classifier::load(&base(), &Device::Cpu).unwrap().0;
-    let cache = trainer::features::build(&frozen.base, &imgs, &spec, "cache", &Device::Cpu).unwrap();
+    let mut engine = trainer::features::Engine::Candle(&frozen.base);
+    let cache = trainer::features::build(&mut engine, &imgs, &spec, None, "cache", &Device::Cpu).unwrap();
     let items: Vec<usize> = (0..cache.n).collect();
     let maps = cache.maps_batch(&items, &Device::Cpu).unwrap();
     let top = model.base.forward_blocks(&maps, 14, 14, &mut |_, _| {}).unwrap();
@@ -135,7 +151,39 @@ fn cached_path_equals_direct_forward() {
     let direct = model.forward_t(&x, false).unwrap();
     let d =
         (cached - direct).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    assert!(d < 1e-4, "cached and direct logits differ by {d}");
+    // The maps are stored as float16: 2^-11 relative per value.
+    assert!(d < 2e-3, "cached and direct logits differ by {d}");
+
+    // `trainer eval` on the test split: the trainer's own test figures, on either engine; and
+    // on the files a pattern picks.
+    let reported: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
+    let (sandals, nothing) = (regex::Regex::new("^sandal_").unwrap(), regex::Regex::new("^nothing").unwrap());
+    for engine in [trainer::config::CacheEngine::Onnxruntime, trainer::config::CacheEngine::Candle] {
+        let o = trainer::eval::EvalOptions {
+            run_dir: out.clone(),
+            folders: vec![data.join("test")],
+            only: None,
+            engine,
+            ort_lib: Some(ort_lib()),
+            batch: 5,
+        };
+        let r = &trainer::eval::evaluate(&o).unwrap()[0];
+        assert_eq!(r.report.count, 12);
+        assert_eq!(r.report.accuracy, reported["test"]["accuracy"].as_f64().unwrap(), "{engine:?}");
+        assert_eq!(
+            r.report.confusion,
+            serde_json::from_value::<Vec<Vec<usize>>>(reported["test"]["confusion"].clone()).unwrap()
+        );
+        assert_eq!(r.errors.len(), 12 - r.report.confusion.iter().enumerate().map(|(i, row)| row[i]).sum::<usize>());
+        let only = trainer::eval::EvalOptions { only: Some(sandals.clone()), ..o };
+        let r = &trainer::eval::evaluate(&only).unwrap()[0];
+        assert_eq!((r.files, r.report.count), (4, 4));
+        assert_eq!(r.report.per_class.iter().map(|c| c.support).collect::<Vec<_>>(), [0, 4, 0]);
+        let none = trainer::eval::EvalOptions { only: Some(nothing.clone()), ..only };
+        let e = trainer::eval::evaluate(&none).unwrap_err().to_string();
+        assert!(e.contains("no images whose name matches `^nothing`"), "{e}");
+    }
     std::fs::remove_dir_all(out).unwrap();
     std::fs::remove_dir_all(data).unwrap();
 }
@@ -149,6 +197,8 @@ fn bf16_mixed_precision_trains() {
     let out = tmp("bf16");
     let mut cfg = small_config(&data, &out.join("run"));
     cfg.precision = trainer::config::ComputePrecision::Bf16;
+    // bf16 caches come from the Candle network itself (ONNX Runtime computes f32).
+    cfg.cache_engine = trainer::config::CacheEngine::Candle;
     cfg.head.epochs = 6;
     cfg.fine_tune.epochs = 2;
     trainer::train::run(&cfg, false, &Device::Cpu).unwrap();
@@ -169,5 +219,66 @@ fn bf16_mixed_precision_trains() {
     trainer::train::run(&cfg, false, &Device::Cpu).unwrap();
     assert!(std::fs::read_dir(out.join("feature-cache")).unwrap().count() > caches);
     std::fs::remove_dir_all(out).unwrap();
+    std::fs::remove_dir_all(data).unwrap();
+}
+
+/// The feature caches of the ONNX Runtime engine agree with Candle's, and a cache streamed to
+/// disk reads back what was computed; pooled features load without the maps.
+#[test]
+fn onnxruntime_cache_matches_candle_and_streams_from_disk() {
+    let data = small_footwear(4, "data-engines");
+    let root = tmp("engines");
+    let ds = trainer::data::scan(&data).unwrap();
+    let prep = modelspec::Preprocessing::default();
+    let (imgs, _) = trainer::data::load(&ds.splits[0], 96, &prep, true, "train").unwrap();
+    let aug = trainer::augment::AugmentConfig::default();
+    let spec = trainer::features::CacheSpec {
+        variants: 2,
+        augment: &aug,
+        seed: 3,
+        stream: 0,
+        upto: 11,
+        maps: true,
+        batch: 5,
+        prep: &prep,
+        dtype: candle_core::DType::F32,
+    };
+    let dev = Device::Cpu;
+    let base_dir = models::weights::ModelDir::load(&base(), &dev).unwrap();
+    let frozen = models::xception::Xception::new(base_dir.var_builder(&dev), Default::default()).unwrap();
+    let weights: onnxgraph::Weights = base_dir
+        .tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), (t.dims().to_vec(), t.flatten_all().unwrap().to_vec1::<f32>().unwrap())))
+        .collect();
+    let bytes = prost::Message::encode_to_vec(&onnxgraph::build_frozen(&weights, 96, 11).unwrap());
+    let session =
+        inference::session::FloatSession::from_bytes(&bytes, Path::new("frozen"), 2, Some(&ort_lib())).unwrap();
+    let mut ort = trainer::features::Engine::OnnxRuntime { session: Box::new(session), upto: 11, check: &frozen };
+    let mut candle = trainer::features::Engine::Candle(&frozen);
+    let keys = trainer::features::disk_keys(&imgs, &spec, &base().join("model.safetensors"), &ort.name());
+    let a = trainer::features::build(&mut ort, &imgs, &spec, Some((&root, &keys)), "ort", &dev).unwrap();
+    let b = trainer::features::build(&mut candle, &imgs, &spec, None, "candle", &dev).unwrap();
+    assert_eq!((a.items(), a.map_dims), (24, [6, 6, 728]));
+    let items: Vec<usize> = (0..a.items()).collect();
+    let (ma, mb) = (a.maps_batch(&items, &dev).unwrap(), b.maps_batch(&items, &dev).unwrap());
+    let scale = mb.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let d = testkit::max_abs_diff(&ma, &mb);
+    // Both stored as float16: the difference is a rounding step at most.
+    assert!(d <= 1e-3 * scale, "maps differ by {d} (largest {scale})");
+    let dp = a.pooled.iter().zip(&b.pooled).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(dp < 1e-4, "pooled features differ by {dp}");
+    // Read back from disk: the same values, and the pooled features alone.
+    let c = trainer::features::load(&root, &keys, true).expect("the cache on disk");
+    assert_eq!(testkit::max_abs_diff(&c.maps_batch(&items, &dev).unwrap(), &ma), 0.0);
+    assert_eq!((c.pooled.clone(), c.labels.clone()), (a.pooled.clone(), a.labels.clone()));
+    let p = trainer::features::load(&root, &keys, false).expect("the pooled features");
+    assert!(!p.has_maps() && p.pooled == a.pooled);
+    // A truncated map file is not a cache.
+    let maps_file = root.join(format!("{}.maps.f16", keys.1));
+    let len = std::fs::metadata(&maps_file).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&maps_file).unwrap().set_len(len - 2).unwrap();
+    assert!(trainer::features::load(&root, &keys, true).is_none());
+    std::fs::remove_dir_all(root).unwrap();
     std::fs::remove_dir_all(data).unwrap();
 }

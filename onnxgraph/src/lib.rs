@@ -24,7 +24,10 @@ use models::head::{DENSE, LOGITS};
 use models::layers::{self, ConvSpec, Padding, Relu, Residual, SepConvSpec, BN_EPSILON, FEATURES};
 use modelspec::onnx_meta::{InputType, FEATURES_NAME, INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME};
 use modelspec::ModelDescription;
+pub use quant::{build_int8, Int8Summary, TapRanges};
 use std::collections::HashMap;
+
+pub mod quant;
 
 /// The operator set the graph uses (ONNX Runtime 1.31 and candle-onnx both read it).
 pub const OPSET: i64 = 17;
@@ -52,13 +55,15 @@ struct Builder<'w> {
     precision: OnnxPrecision,
     nodes: Vec<NodeProto>,
     inits: Vec<TensorProto>,
+    /// Where the value range of each activation that an int8 file quantizes comes from.
+    ranges: Vec<(String, quant::RangeSource)>,
 }
 
 fn ints(name: &str, v: &[i64]) -> AttributeProto {
     AttributeProto { name: name.into(), r#type: AttributeType::Ints as i32, ints: v.to_vec(), ..Default::default() }
 }
 
-fn int(name: &str, v: i64) -> AttributeProto {
+pub(crate) fn int(name: &str, v: i64) -> AttributeProto {
     AttributeProto { name: name.into(), r#type: AttributeType::Int as i32, i: v, ..Default::default() }
 }
 
@@ -194,16 +199,16 @@ impl<'w> Builder<'w> {
         let stride = spec.stride as i64;
         let mut attrs = vec![ints("kernel_shape", &[kh as i64, kw as i64]), ints("strides", &[stride, stride])];
         attrs.extend(pads);
-        let x = if spec.relu == Relu::Before { self.relu(x) } else { x.to_string() };
+        let x = if spec.relu == Relu::Before { self.relu_of(x) } else { x.to_string() };
         let y = self.node("Conv", name, &[&x, &wn, &bn], attrs);
-        Ok((if spec.relu == Relu::After { self.relu(&y) } else { y }, out))
+        Ok((self.conv_output(y, name, spec.relu), out))
     }
 
     /// Separable convolution `spec` (depthwise 3x3 'same', then pointwise) + batch-norm, with
     /// its ReLU.
     fn sepconv_bn(&mut self, x: &str, spec: &SepConvSpec) -> Result<String, GraphError> {
         let name = &spec.name;
-        let x = if spec.relu == Relu::Before { self.relu(x) } else { x.to_string() };
+        let x = if spec.relu == Relu::Before { self.relu_of(x) } else { x.to_string() };
         let (dshape, dw) = self.get(&format!("{name}.depthwise"))?;
         let c = dshape[2];
         let mut d = vec![0f32; dw.len()];
@@ -217,6 +222,7 @@ impl<'w> Builder<'w> {
         let dn = self.weight(&format!("{name}.depthwise"), &[c, 1, 3, 3], &d);
         let attrs = vec![ints("kernel_shape", &[3, 3]), ints("pads", &[1, 1, 1, 1]), int("group", c as i64)];
         let x = self.node("Conv", &format!("{name}/depthwise"), &[&x, &dn], attrs);
+        self.ranges.push((x.clone(), quant::RangeSource::Tap(format!("{name}_depthwise"))));
         let (pshape, pw) = self.get(&format!("{name}.pointwise"))?;
         let (cin, cout) = (pshape[0], pshape[1]);
         let (s, shift) = self.bn(&format!("{name}_bn"))?;
@@ -229,7 +235,67 @@ impl<'w> Builder<'w> {
         let wn = self.weight(&format!("{name}.pointwise"), &[cout, cin, 1, 1], &w);
         let bn = self.weight(&format!("{name}.bias"), &[cout], &shift);
         let y = self.node("Conv", &format!("{name}/pointwise"), &[&x, &wn, &bn], vec![ints("kernel_shape", &[1, 1])]);
-        Ok(if spec.relu == Relu::After { self.relu(&y) } else { y })
+        Ok(self.conv_output(y, name, spec.relu))
+    }
+
+    /// A convolution's output, through its ReLU when it comes after; its range is that of the
+    /// Candle tap of the same value (`{name}_act` after a ReLU, else `{name}_bn`).
+    fn conv_output(&mut self, y: String, name: &str, relu: Relu) -> String {
+        let (y, tap) =
+            if relu == Relu::After { (self.relu(&y), format!("{name}_act")) } else { (y, format!("{name}_bn")) };
+        self.ranges.push((y.clone(), quant::RangeSource::Tap(tap)));
+        y
+    }
+
+    /// A ReLU on `x` whose range follows from `x`'s.
+    fn relu_of(&mut self, x: &str) -> String {
+        let y = self.relu(x);
+        self.ranges.push((y.clone(), quant::RangeSource::Relu(x.to_string())));
+        y
+    }
+
+    /// Blocks `1..=upto` on `x`, a map of side `size`; `tap(block, output)` sees each block's
+    /// output. Returns the last block's output.
+    fn blocks(
+        &mut self,
+        mut x: String,
+        mut size: usize,
+        upto: usize,
+        tap: &mut dyn FnMut(usize, &str),
+    ) -> Result<String, GraphError> {
+        // Side of the current map: pads of 'same' windows depend on it.
+        for block in layers::blocks().into_iter().take(upto) {
+            let (input, input_size) = (x.clone(), size);
+            for c in &block.convs {
+                (x, size) = self.conv_bn(&x, c, size)?;
+            }
+            for s in &block.sepconvs {
+                x = self.sepconv_bn(&x, s)?;
+            }
+            if block.pool {
+                // ONNX pads a MaxPool with -inf, as TF's 'same' pooling does.
+                let (k, stride) = layers::POOL;
+                let (pads, out) = Builder::window(Padding::Same, size, k, stride)?;
+                let mut attrs = vec![ints("kernel_shape", &[k as i64, k as i64]), ints("strides", &[stride as i64; 2])];
+                attrs.extend(pads);
+                let input = x.clone();
+                x = self.node("MaxPool", &format!("block{}_pool", block.index), &[&x], attrs);
+                // The input's quantization: ONNX Runtime then pools the uint8 values directly.
+                self.ranges.push((x.clone(), quant::RangeSource::Same(input)));
+                size = out;
+            }
+            let residual = match &block.residual {
+                None => None,
+                Some(Residual::Identity) => Some(input),
+                Some(Residual::Conv(c)) => Some(self.conv_bn(&input, c, input_size)?.0),
+            };
+            if let Some(r) = residual {
+                x = self.node("Add", &format!("block{}_add", block.index), &[&x, &r], vec![]);
+                self.ranges.push((x.clone(), quant::RangeSource::Tap(format!("block{}_add", block.index))));
+            }
+            tap(block.index, &x);
+        }
+        Ok(x)
     }
 
     fn relu(&mut self, x: &str) -> String {
@@ -296,7 +362,20 @@ pub fn build(
     model_version: i64,
     producer: (&str, &str),
 ) -> Result<ModelProto, GraphError> {
-    let mut b = Builder { w, precision, nodes: Vec::new(), inits: Vec::new() };
+    Ok(build_with_ranges(desc, w, precision, input_type, props, model_version, producer)?.0)
+}
+
+/// [`build`], and where the range of each activation an int8 file quantizes comes from.
+fn build_with_ranges(
+    desc: &ModelDescription,
+    w: &Weights,
+    precision: OnnxPrecision,
+    input_type: InputType,
+    props: &[(String, String)],
+    model_version: i64,
+    producer: (&str, &str),
+) -> Result<(ModelProto, Vec<(String, quant::RangeSource)>), GraphError> {
+    let mut b = Builder { w, precision, nodes: Vec::new(), inits: Vec::new(), ranges: Vec::new() };
     let p = &desc.preprocessing;
     let scaled = match input_type {
         InputType::Uint8 => {
@@ -309,44 +388,21 @@ pub fn build(
         InputType::Float32 => INPUT_NAME.to_string(),
     };
     let mut x = b.node("Transpose", "input/nchw", &[&scaled], vec![ints("perm", &[0, 3, 1, 2])]);
+    let (lo, hi) = (p.offset, 255.0 * p.scale + p.offset);
+    b.ranges.push((x.clone(), quant::RangeSource::Fixed(lo.min(hi), lo.max(hi))));
     if precision == OnnxPrecision::F16 {
         x = b.node("Cast", "input/f16", &[&x], vec![int("to", DataType::Float16 as i64)]);
     }
-    // Side of the current map: pads of 'same' windows depend on it.
-    let mut size = desc.input_size;
-    for block in layers::blocks() {
-        let (input, input_size) = (x.clone(), size);
-        for c in &block.convs {
-            (x, size) = b.conv_bn(&x, c, size)?;
-        }
-        for s in &block.sepconvs {
-            x = b.sepconv_bn(&x, s)?;
-        }
-        if block.pool {
-            // ONNX pads a MaxPool with -inf, as TF's 'same' pooling does.
-            let (k, stride) = layers::POOL;
-            let (pads, out) = Builder::window(Padding::Same, size, k, stride)?;
-            let mut attrs = vec![ints("kernel_shape", &[k as i64, k as i64]), ints("strides", &[stride as i64; 2])];
-            attrs.extend(pads);
-            x = b.node("MaxPool", &format!("block{}_pool", block.index), &[&x], attrs);
-            size = out;
-        }
-        let residual = match &block.residual {
-            None => None,
-            Some(Residual::Identity) => Some(input),
-            Some(Residual::Conv(c)) => Some(b.conv_bn(&input, c, input_size)?.0),
-        };
-        if let Some(r) = residual {
-            x = b.node("Add", &format!("block{}_add", block.index), &[&x, &r], vec![]);
-        }
-    }
+    let x = b.blocks(x, desc.input_size, layers::NUM_BLOCKS, &mut |_, _| {})?;
     let pooled = b.node("ReduceMean", "avg_pool", &[&x], vec![ints("axes", &[2, 3]), int("keepdims", 0)]);
+    b.ranges.push((pooled.clone(), quant::RangeSource::Tap(quant::POOLED_TAP.into())));
     let mut outputs = Vec::new();
     let batch: Result<i64, &str> = Err("batch");
     match &desc.head {
         Some(h) => {
             let y = b.gemm(&pooled, DENSE)?;
             let y = b.relu(&y);
+            b.ranges.push((y.clone(), quant::RangeSource::Tap(quant::DENSE_TAP.into())));
             let mut logits = b.gemm(&y, LOGITS)?;
             if precision == OnnxPrecision::F16 {
                 logits = b.node("Cast", "logits/f32", &[&logits], vec![int("to", DataType::Float as i64)]);
@@ -385,7 +441,7 @@ pub fn build(
         ),
         ..Default::default()
     };
-    Ok(ModelProto {
+    let model = ModelProto {
         ir_version: IR_VERSION,
         opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
         producer_name: producer.0.into(),
@@ -397,6 +453,53 @@ pub fn build(
             .iter()
             .map(|(k, v)| StringStringEntryProto { key: k.clone(), value: v.clone() })
             .collect(),
+        ..Default::default()
+    };
+    Ok((model, b.ranges))
+}
+
+/// Output of [`build_frozen`]: the output of the last frozen block, NHWC.
+pub const MAP_NAME: &str = "map";
+
+/// The frozen ImageNet base as the trainer caches it: input `image`, float32 [N, size, size, 3]
+/// already scaled; outputs [`MAP_NAME`], the output of block `upto` as [N, h, w, c] (the layout
+/// of the Candle network), and `features`, the pooled [N, 2048] of the whole base. Weights stay
+/// float32: the features must match the Candle network's.
+pub fn build_frozen(w: &Weights, input_size: usize, upto: usize) -> Result<ModelProto, GraphError> {
+    if !(1..=layers::NUM_BLOCKS).contains(&upto) {
+        return Err(GraphError(format!("no block {upto} (1 to {})", layers::NUM_BLOCKS)));
+    }
+    let mut b = Builder { w, precision: OnnxPrecision::F32, nodes: Vec::new(), inits: Vec::new(), ranges: Vec::new() };
+    let x = b.node("Transpose", "input/nchw", &[INPUT_NAME], vec![ints("perm", &[0, 3, 1, 2])]);
+    let mut tapped = String::new();
+    let x = b.blocks(x, input_size, layers::NUM_BLOCKS, &mut |i, name| {
+        if i == upto {
+            tapped = name.to_string();
+        }
+    })?;
+    b.node("Transpose", MAP_NAME, &[&tapped], vec![ints("perm", &[0, 2, 3, 1])]);
+    let pooled = b.node("ReduceMean", "avg_pool", &[&x], vec![ints("axes", &[2, 3]), int("keepdims", 0)]);
+    b.node("Identity", FEATURES_NAME, &[&pooled], vec![]);
+    let batch: Result<i64, &str> = Err("batch");
+    let s = input_size as i64;
+    let side = models::layers::output_size_after(input_size, upto) as i64;
+    let channels = layers::blocks()[upto - 1].channels_out() as i64;
+    let graph = GraphProto {
+        name: format!("xception_blocks_1_{upto}"),
+        node: b.nodes,
+        initializer: b.inits,
+        input: vec![value_info(INPUT_NAME, DataType::Float, &[batch, Ok(s), Ok(s), Ok(3)])],
+        output: vec![
+            value_info(MAP_NAME, DataType::Float, &[batch, Ok(side), Ok(side), Ok(channels)]),
+            value_info(FEATURES_NAME, DataType::Float, &[batch, Ok(FEATURES as i64)]),
+        ],
+        ..Default::default()
+    };
+    Ok(ModelProto {
+        ir_version: IR_VERSION,
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
+        producer_name: "footwear-trainer".into(),
+        graph: Some(graph),
         ..Default::default()
     })
 }

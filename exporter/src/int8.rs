@@ -1,0 +1,320 @@
+//! `exporter RUN_DIR --precision int8`: post-training static quantization, in Rust.
+//!
+//! 1. Calibration ([`crate::calibrate`]): activation ranges from a few hundred training photos
+//!    run through the Candle model.
+//! 2. The int8 QDQ graph ([`onnxgraph::build_int8`]): per-channel int8 weights, uint8
+//!    activations, metadata saying `precision: int8` and how it was calibrated.
+//! 3. Verification on labelled photos (the run's test split by default) through ONNX Runtime,
+//!    against the float file of the same weights: the same top class on at least 99.5% of the
+//!    photos, accuracy within 0.3 points, and ONNX Runtime's optimized graph has integer
+//!    operators where the file has QDQ convolutions (no float `Conv` left but the layers kept
+//!    float). Only a file that passes replaces the previous one, and its report
+//!    (`model.int8.verification.json`) goes beside it; a failure names the check that failed.
+
+use crate::calibrate::{self, Calibration, CalibrationOptions};
+use crate::graph::{self, OnnxPrecision};
+use crate::{load_weights, ExportOptions, Exported, PRODUCER};
+use anyhow::{bail, Context};
+use candle_core::Device;
+use inference::batch::predict_files;
+use inference::OnnxModel;
+use models::weights::ModelDir;
+use modelspec::onnx_meta::{self, Precision};
+use modelspec::preprocess::image_files;
+use prost::Message;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+/// How to quantize and what to demand of the result.
+#[derive(Debug, Clone)]
+pub struct Int8Options {
+    pub calibration: CalibrationOptions,
+    /// Layers that keep float weights (`block1_conv1`, `block14_sepconv2`, `head_logits`, ...).
+    pub keep_float: Vec<String>,
+    /// Labelled folder of the verification (`<class>/...`); default: the run's test split.
+    pub verify_on: Option<PathBuf>,
+    /// Least share of photos whose top class must equal the float file's.
+    pub min_agreement: f64,
+    /// Largest accuracy loss against the float file, as a fraction (0.003: 0.3 points).
+    pub max_accuracy_drop: f64,
+}
+
+impl Default for Int8Options {
+    fn default() -> Self {
+        Self {
+            calibration: CalibrationOptions::default(),
+            keep_float: vec![],
+            verify_on: None,
+            min_agreement: 0.995,
+            max_accuracy_drop: 0.003,
+        }
+    }
+}
+
+/// Accuracy and macro-F1 of one file on the verification photos.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scores {
+    pub correct: usize,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+}
+
+/// One requirement of the verification.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub value: String,
+    pub limit: String,
+    pub passed: bool,
+}
+
+/// The verification report of an int8 file.
+#[derive(Debug, Clone, Serialize)]
+pub struct Int8Report {
+    pub file: String,
+    pub precision: Precision,
+    pub calibration: Calibration,
+    pub graph: onnxgraph::Int8Summary,
+    /// Node types of the graph ONNX Runtime runs after its optimizations, with counts.
+    pub optimized_ops: BTreeMap<String, usize>,
+    pub folder: String,
+    pub images: usize,
+    /// Photos whose top class is the float file's, as a fraction.
+    pub agreement: f64,
+    pub float32: Scores,
+    pub int8: Scores,
+    pub checks: Vec<Check>,
+    pub passed: bool,
+}
+
+impl std::fmt::Display for Int8Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "int8 verification of {} on {} ({} photos): same top class as float32 on {:.2}%; accuracy {:.2}% (float32 {:.2}%), macro-F1 {:.4} (float32 {:.4})",
+            self.file,
+            self.folder,
+            self.images,
+            100.0 * self.agreement,
+            100.0 * self.int8.accuracy,
+            100.0 * self.float32.accuracy,
+            self.int8.macro_f1,
+            self.float32.macro_f1
+        )?;
+        for c in &self.checks {
+            writeln!(f, "  [{}] {}: {} (limit {})", if c.passed { "ok" } else { "FAILED" }, c.name, c.value, c.limit)?;
+        }
+        write!(f, "{}", if self.passed { "passed" } else { "FAILED" })
+    }
+}
+
+/// The labelled image files of `folder/<class>/`.
+fn labelled(folder: &Path, classes: &[String]) -> anyhow::Result<Vec<(PathBuf, usize)>> {
+    let mut out = Vec::new();
+    for (label, class) in classes.iter().enumerate() {
+        let dir = folder.join(class);
+        let files = image_files(&dir).with_context(|| format!("verification photos: listing {}", dir.display()))?;
+        out.extend(files.into_iter().map(|f| (f, label)));
+    }
+    if out.is_empty() {
+        bail!("{}: no photos in the class folders {classes:?}", folder.display());
+    }
+    Ok(out)
+}
+
+/// Predicted class of each file that could be read.
+fn predictions(model: &mut OnnxModel, files: &[PathBuf]) -> anyhow::Result<HashMap<PathBuf, usize>> {
+    let r = predict_files(model, files, 32)?;
+    Ok(r.predicted.into_iter().map(|(f, p)| (f, p.top_class().unwrap_or(0))).collect())
+}
+
+fn scores(pred: &[usize], truth: &[usize], k: usize) -> Scores {
+    let mut confusion = vec![vec![0usize; k]; k];
+    for (&p, &t) in pred.iter().zip(truth) {
+        confusion[t][p] += 1;
+    }
+    let correct: usize = (0..k).map(|c| confusion[c][c]).sum();
+    let f1 = |c: usize| {
+        let tp = confusion[c][c] as f64;
+        let predicted: usize = (0..k).map(|t| confusion[t][c]).sum();
+        let support: usize = confusion[c].iter().sum();
+        let (p, r) = (tp / predicted.max(1) as f64, tp / support.max(1) as f64);
+        if p + r > 0.0 {
+            2.0 * p * r / (p + r)
+        } else {
+            0.0
+        }
+    };
+    Scores {
+        correct,
+        accuracy: correct as f64 / pred.len().max(1) as f64,
+        macro_f1: (0..k).map(f1).sum::<f64>() / k.max(1) as f64,
+    }
+}
+
+/// Writes the int8 file of `o.run_dir` to `o.out`, verified unless `o.verify` is off.
+pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Exported, Option<Int8Report>)> {
+    let dir = ModelDir::load(&o.run_dir, &Device::Cpu)
+        .with_context(|| format!("reading the model directory {}", o.run_dir.display()))?;
+    let desc = dir.description.clone();
+    if desc.head.is_none() {
+        bail!("--precision int8: the model has no classifier head to verify");
+    }
+    let weights = load_weights(&dir)?;
+    drop(dir);
+
+    let (photos, source) = calibrate::photos(&q.calibration, &desc)?;
+    let t = std::time::Instant::now();
+    let (ranges, used) = calibrate::calibrate(&o.run_dir, &photos, &q.calibration)?;
+    tracing::info!(
+        "calibrated {} activations on {used} photos from {source} in {:.0} s",
+        ranges.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let calibration = Calibration {
+        method: q.calibration.method,
+        percentile: (q.calibration.method == calibrate::Method::Percentile).then_some(q.calibration.percentile),
+        photos: used,
+        seed: q.calibration.seed,
+        source,
+        activations: ranges.len(),
+    };
+    let toolchain = format!("{PRODUCER} {} (opset {})", env!("CARGO_PKG_VERSION"), graph::OPSET);
+    let mut props = onnx_meta::properties(&desc, o.input_type, o.model_version, &toolchain);
+    props.push((onnx_meta::PRECISION.into(), Precision::Int8.as_str().into()));
+    props.push((onnx_meta::CALIBRATION.into(), serde_json::to_string(&calibration)?));
+    let keep: HashSet<String> = q.keep_float.iter().cloned().collect();
+    let (model, summary) = onnxgraph::build_int8(
+        &desc,
+        &weights,
+        o.input_type,
+        &props,
+        o.model_version,
+        (PRODUCER, env!("CARGO_PKG_VERSION")),
+        &ranges,
+        &keep,
+    )?;
+    let bytes = model.encode_to_vec();
+    let parent = o.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = o.out.file_name().context("the output needs a file name")?.to_string_lossy().into_owned();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    let optimized = parent.join(format!(".{name}.optimized-{}", std::process::id()));
+    let result = (|| -> anyhow::Result<Option<Int8Report>> {
+        if !o.verify {
+            return Ok(None);
+        }
+        let folder = match (&q.verify_on, desc.dataset.as_ref().map(|d| d.join("test"))) {
+            (Some(f), _) => f.clone(),
+            (None, Some(t)) if t.is_dir() => t,
+            _ => bail!(
+                "int8 files are verified on labelled photos: the model names no test split; pass --verify-on FOLDER"
+            ),
+        };
+        let files = labelled(&folder, &desc.classes)?;
+        let paths: Vec<PathBuf> = files.iter().map(|(f, _)| f.clone()).collect();
+        let float_model = graph::build(
+            &desc,
+            &weights,
+            OnnxPrecision::F32,
+            o.input_type,
+            &onnx_meta::properties(&desc, o.input_type, o.model_version, &toolchain),
+            o.model_version,
+            (PRODUCER, env!("CARGO_PKG_VERSION")),
+        )?;
+        let mut float = OnnxModel::from_bytes(&float_model.encode_to_vec(), &o.run_dir.join("<float32>"), &o.ort)?;
+        let float_pred = predictions(&mut float, &paths)?;
+        drop(float);
+        let cfg = inference::SessionConfig { optimized_model: Some(optimized.clone()), ..o.ort.clone() };
+        let mut int8 = OnnxModel::load(&tmp, &cfg)?;
+        anyhow::ensure!(
+            int8.info.precision == Precision::Int8,
+            "the int8 file's metadata says {}",
+            int8.info.precision
+        );
+        let int8_pred = predictions(&mut int8, &paths)?;
+        drop(int8);
+        let opt = std::fs::read(&optimized).with_context(|| format!("reading {}", optimized.display()))?;
+        let optimized_ops = onnxgraph::quant::op_counts(&candle_onnx::onnx::ModelProto::decode(opt.as_slice())?);
+
+        // Photos both files could read (the same ones: same decoder).
+        let both: Vec<&(PathBuf, usize)> =
+            files.iter().filter(|(f, _)| float_pred.contains_key(f) && int8_pred.contains_key(f)).collect();
+        let truth: Vec<usize> = both.iter().map(|(_, l)| *l).collect();
+        let fp: Vec<usize> = both.iter().map(|(f, _)| float_pred[f]).collect();
+        let ip: Vec<usize> = both.iter().map(|(f, _)| int8_pred[f]).collect();
+        let k = desc.classes.len();
+        let (fs, is) = (scores(&fp, &truth, k), scores(&ip, &truth, k));
+        let agreement = fp.iter().zip(&ip).filter(|(a, b)| a == b).count() as f64 / both.len().max(1) as f64;
+        // Float convolutions ONNX Runtime still runs, beyond those kept float on purpose.
+        let kept_convs = model
+            .graph
+            .iter()
+            .flat_map(|g| &g.node)
+            .filter(|n| n.op_type == "Conv" && keep.contains(n.name.split('/').next().unwrap_or_default()))
+            .count();
+        let float_convs: usize =
+            ["Conv", "FusedConv", "NchwcConv"].iter().map(|op| optimized_ops.get(*op).copied().unwrap_or(0)).sum();
+        let int_convs: usize =
+            optimized_ops.iter().filter(|(op, _)| op.starts_with("QLinearConv")).map(|(_, n)| n).sum();
+        let checks = vec![
+            Check {
+                name: "same top class as the float32 file".into(),
+                value: format!("{:.2}%", 100.0 * agreement),
+                limit: format!(">= {:.2}%", 100.0 * q.min_agreement),
+                passed: agreement >= q.min_agreement,
+            },
+            Check {
+                name: "accuracy against the float32 file".into(),
+                value: format!("{:+.2} points", 100.0 * (is.accuracy - fs.accuracy)),
+                limit: format!(">= -{:.2} points", 100.0 * q.max_accuracy_drop),
+                passed: is.accuracy >= fs.accuracy - q.max_accuracy_drop - 1e-12,
+            },
+            Check {
+                name: "convolutions ONNX Runtime runs in integer arithmetic".into(),
+                value: format!("{int_convs} QLinearConv, {float_convs} float Conv"),
+                limit: format!("float Conv <= {kept_convs} (kept float)"),
+                passed: float_convs <= kept_convs && int_convs > 0,
+            },
+        ];
+        let passed = checks.iter().all(|c| c.passed);
+        Ok(Some(Int8Report {
+            file: o.out.display().to_string(),
+            precision: Precision::Int8,
+            calibration: calibration.clone(),
+            graph: summary.clone(),
+            optimized_ops,
+            folder: folder.display().to_string(),
+            images: both.len(),
+            agreement,
+            float32: fs,
+            int8: is,
+            checks,
+            passed,
+        }))
+    })();
+    let _ = std::fs::remove_file(&optimized);
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.context(format!("{} was left unchanged", o.out.display())));
+        }
+    };
+    if let Some(r) = report.as_ref().filter(|r| !r.passed) {
+        let _ = std::fs::remove_file(&tmp);
+        bail!("{r}\nthe int8 file fails its verification; {} was left unchanged", o.out.display());
+    }
+    std::fs::rename(&tmp, &o.out).with_context(|| format!("renaming {} to {}", tmp.display(), o.out.display()))?;
+    let report_path = match &report {
+        Some(r) => {
+            let p = crate::report_path(&o.out);
+            std::fs::write(&p, serde_json::to_string_pretty(r)?).with_context(|| format!("writing {}", p.display()))?;
+            Some(p)
+        }
+        None => None,
+    };
+    Ok((Exported { path: o.out.clone(), bytes: bytes.len(), report: None, report_path }, report))
+}

@@ -1,0 +1,187 @@
+//! `trainer eval RUN_DIR FOLDER...`: the metrics and confusion matrix of a trained run on any
+//! labelled folder (`FOLDER/<class>/...`, the run's classes), optionally on the files whose name
+//! matches a pattern only (e.g. the later photos of footwear-15k). The whole network runs on
+//! ONNX Runtime (a graph built in memory from the run's weights) when its library is found,
+//! else on Candle; both give the trainer's own predictions (logits within 1e-5).
+
+use crate::config::CacheEngine;
+use crate::metrics::{self, Report};
+use crate::progress::Progress;
+use anyhow::{bail, Context};
+use candle_core::{Device, ModuleT, Tensor};
+use models::classifier::Classifier;
+use models::weights::ModelDir;
+use modelspec::preprocess::{decode_batch, image_files, scale_pixels, DecodeLimits, Source};
+use modelspec::ModelDescription;
+use std::path::{Path, PathBuf};
+
+/// What to evaluate.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub run_dir: PathBuf,
+    pub folders: Vec<PathBuf>,
+    /// Only files whose name (not the folder) matches.
+    pub only: Option<regex::Regex>,
+    /// ONNX Runtime (`auto`: when found) or Candle.
+    pub engine: CacheEngine,
+    pub ort_lib: Option<PathBuf>,
+    pub batch: usize,
+}
+
+/// The metrics of one folder.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FolderReport {
+    pub folder: PathBuf,
+    /// The pattern applied to file names, if any.
+    pub only: Option<String>,
+    /// Files listed (after the pattern), and those that could not be read (with the reason).
+    pub files: usize,
+    pub unreadable: Vec<String>,
+    pub engine: String,
+    pub report: Report,
+    /// The files predicted wrong: (path, true class, predicted class).
+    pub errors: Vec<(PathBuf, String, String)>,
+}
+
+/// The labelled files of `folder`: every image under `folder/<class>/`, filtered by `only`.
+pub fn labelled_files(
+    folder: &Path,
+    classes: &[String],
+    only: Option<&regex::Regex>,
+) -> anyhow::Result<Vec<(PathBuf, u32)>> {
+    if !folder.is_dir() {
+        bail!("{}: not a folder", folder.display());
+    }
+    let mut out = Vec::new();
+    for (label, class) in classes.iter().enumerate() {
+        let dir = folder.join(class);
+        if !dir.is_dir() {
+            continue;
+        }
+        for f in image_files(&dir).with_context(|| format!("listing {}", dir.display()))? {
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if only.is_none_or(|re| re.is_match(&name)) {
+                out.push((f, label as u32));
+            }
+        }
+    }
+    if out.is_empty() {
+        bail!(
+            "{}: no images{} in the class folders {classes:?}",
+            folder.display(),
+            only.map(|r| format!(" whose name matches `{r}`")).unwrap_or_default()
+        );
+    }
+    Ok(out)
+}
+
+/// The network that predicts.
+enum Net {
+    Ort(Box<inference::OnnxModel>),
+    Candle(Box<Classifier>),
+}
+
+impl Net {
+    fn load(o: &EvalOptions, dir: &ModelDir) -> anyhow::Result<(Self, String)> {
+        let ort = || -> anyhow::Result<Net> {
+            let desc = &dir.description;
+            let weights: onnxgraph::Weights = dir
+                .tensors
+                .iter()
+                .map(|(k, t)| Ok((k.clone(), (t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?))))
+                .collect::<anyhow::Result<_>>()?;
+            let input = modelspec::onnx_meta::InputType::Uint8;
+            let props = modelspec::onnx_meta::properties(desc, input, 1, "trainer eval");
+            let model = onnxgraph::build(
+                desc,
+                &weights,
+                onnxgraph::OnnxPrecision::F32,
+                input,
+                &props,
+                1,
+                ("trainer", env!("CARGO_PKG_VERSION")),
+            )?;
+            let bytes = prost::Message::encode_to_vec(&model);
+            let cfg = inference::SessionConfig { ort_lib: o.ort_lib.clone(), ..Default::default() };
+            Ok(Net::Ort(Box::new(inference::OnnxModel::from_bytes(&bytes, &o.run_dir.join("<in memory>"), &cfg)?)))
+        };
+        let candle = || -> anyhow::Result<(Net, String)> {
+            let (c, _) = Classifier::load(&o.run_dir, &Device::Cpu)?;
+            Ok((Net::Candle(Box::new(c)), "candle".into()))
+        };
+        let ort_name = format!("onnxruntime {}", inference::ortlib::ORT_VERSION);
+        match o.engine {
+            CacheEngine::Candle => candle(),
+            CacheEngine::Onnxruntime => Ok((ort().context("--engine onnxruntime")?, ort_name)),
+            CacheEngine::Auto => match ort() {
+                Ok(n) => Ok((n, ort_name)),
+                Err(e) => {
+                    tracing::warn!("ONNX Runtime unavailable, evaluating with Candle: {e:#}");
+                    candle()
+                }
+            },
+        }
+    }
+
+    /// Predicted classes of `n` resized images.
+    fn predict(&mut self, pixels: Vec<u8>, n: usize, desc: &ModelDescription) -> anyhow::Result<Vec<u32>> {
+        match self {
+            Net::Ort(m) => Ok(m.run(pixels, n)?.iter().map(|p| p.top_class().unwrap_or(0) as u32).collect()),
+            Net::Candle(c) => {
+                let s = desc.input_size;
+                let x = scale_pixels(&pixels, &desc.preprocessing);
+                let logits = c.forward_t(&Tensor::from_vec(x, (n, s, s, 3), &Device::Cpu)?, false)?;
+                Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
+            }
+        }
+    }
+}
+
+/// Evaluates the run on every folder.
+pub fn evaluate(o: &EvalOptions) -> anyhow::Result<Vec<FolderReport>> {
+    let dir = ModelDir::load(&o.run_dir, &Device::Cpu)
+        .with_context(|| format!("reading the model directory {}", o.run_dir.display()))?;
+    let desc = dir.description.clone();
+    if desc.head.is_none() {
+        bail!("{}: a model without a classifier head has no classes to evaluate", o.run_dir.display());
+    }
+    let (mut net, engine) = Net::load(o, &dir)?;
+    drop(dir);
+    let mut reports = Vec::new();
+    for folder in &o.folders {
+        let files = labelled_files(folder, &desc.classes, o.only.as_ref())?;
+        let pb = Progress::new(files.len(), &format!("eval {}", folder.display()));
+        let (mut pred, mut truth, mut paths, mut unreadable) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for chunk in files.chunks(o.batch.max(1)) {
+            let sources: Vec<Source> = chunk.iter().map(|(f, _)| Source::File(f)).collect();
+            let d = decode_batch(&sources, desc.input_size as u32, &desc.preprocessing, &DecodeLimits::default());
+            unreadable.extend(d.failed.iter().map(|(i, e)| format!("{}: {e}", chunk[*i].0.display())));
+            if !d.decoded.is_empty() {
+                pred.extend(net.predict(d.pixels, d.decoded.len(), &desc)?);
+                for &i in &d.decoded {
+                    truth.push(chunk[i].1);
+                    paths.push(chunk[i].0.clone());
+                }
+            }
+            pb.inc(chunk.len() as u64);
+        }
+        pb.finish();
+        let report = metrics::evaluate(&pred, &truth, &desc.classes);
+        let errors = paths
+            .iter()
+            .zip(pred.iter().zip(&truth))
+            .filter(|(_, (p, t))| p != t)
+            .map(|(f, (p, t))| (f.clone(), desc.classes[*t as usize].clone(), desc.classes[*p as usize].clone()))
+            .collect();
+        reports.push(FolderReport {
+            folder: folder.clone(),
+            only: o.only.as_ref().map(|r| r.as_str().to_string()),
+            files: files.len(),
+            unreadable,
+            engine: engine.clone(),
+            report,
+            errors,
+        });
+    }
+    Ok(reports)
+}
