@@ -55,16 +55,8 @@ float_ratio=$(paired "${float_runs[@]}")
 u8_ratio=$(paired "${u8_runs[@]}")
 
 # 2-3. HTTP load and memory.
-cat > "$out/post.lua" <<LUA
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "image/jpeg"
-local f = io.open("$img", "rb"); wrk.body = f:read("*all"); f:close()
-LUA
-wait_up() { for _ in $(seq 1 100); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done; echo "no server at $1" >&2; return 1; }
-load() { # url name → wrk output in $out/wrk-name.txt
-  wrk -t2 -c32 -d20s --latency -s "$out/post.lua" "$1" > "$out/wrk-$2.txt"
-}
-rss() { awk '/VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
+source scripts/bench-common.sh
+post_body "$img"
 "$venv/bin/python" $ref/python_ort_server.py "$out/model.onnx" --port 8601 >"$out/python-server.log" 2>&1 &
 py=$!
 wait_up http://127.0.0.1:8601/healthz
@@ -78,22 +70,6 @@ load http://127.0.0.1:8602/v1/predict ours
 ours_rss=$(rss $rs)
 kill -TERM $rs; wait $rs 2>/dev/null || true
 
-wrkfig() { # file → "req/s p50 p99 errors requests"
-  python3 - "$1" <<'PY'
-import re, sys
-t = open(sys.argv[1]).read()
-def ms(label):
-    m = re.search(r"^\s*%s\s+([\d.]+)(us|ms|s)\s*$" % label, t, re.M)
-    v, u = float(m.group(1)), m.group(2)
-    return v / 1000 if u == "us" else v * 1000 if u == "s" else v
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
-n = int(re.search(r"(\d+) requests in", t).group(1))
-non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
-sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", t)
-errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
-print(f"{rps:.1f} {ms('50%'):.0f} {ms('99%'):.0f} {errors} {n}")
-PY
-}
 read -r py_rps py_p50 py_p99 py_err py_n <<<"$(wrkfig "$out/wrk-python.txt")"
 read -r o_rps o_p50 o_p99 o_err o_n <<<"$(wrkfig "$out/wrk-ours.txt")"
 ratio() { python3 -c "print('%.2fx' % ($1 / $2))"; }

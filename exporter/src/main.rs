@@ -30,7 +30,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     calibration_seed: u64,
     /// int8: how activation ranges are taken from the calibration.
-    #[arg(long, value_enum, default_value = "percentile")]
+    #[arg(long, value_enum, default_value = "minmax")]
     calibration_method: exporter::calibrate::Method,
     /// int8: the percentile of `--calibration-method percentile`.
     #[arg(long, default_value_t = 99.99)]

@@ -222,7 +222,7 @@ fn int8_files(run: &Path, root: &Path, float: &exporter::Exported) {
     let m = OnnxModel::load(&out, &ort()).unwrap();
     assert_eq!(m.info.precision, modelspec::onnx_meta::Precision::Int8);
     let c = m.info.calibration.as_ref().unwrap();
-    assert_eq!((c["method"].as_str(), c["photos"].as_u64()), (Some("percentile"), Some(12)));
+    assert_eq!((c["method"].as_str(), c["photos"].as_u64()), (Some("minmax"), Some(12)));
     drop(m);
 
     // A layer kept float stays a float convolution in ONNX Runtime's graph.

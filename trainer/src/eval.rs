@@ -26,6 +26,8 @@ pub struct EvalOptions {
     pub engine: CacheEngine,
     pub ort_lib: Option<PathBuf>,
     pub batch: usize,
+    /// Average each photo's probabilities with its mirror image's (test-time flip averaging).
+    pub flip: bool,
 }
 
 /// The metrics of one folder.
@@ -38,6 +40,8 @@ pub struct FolderReport {
     pub files: usize,
     pub unreadable: Vec<String>,
     pub engine: String,
+    /// Whether each photo's prediction averaged it with its mirror image.
+    pub flip: bool,
     pub report: Report,
     /// The files predicted wrong: (path, true class, predicted class).
     pub errors: Vec<(PathBuf, String, String)>,
@@ -123,17 +127,45 @@ impl Net {
         }
     }
 
-    /// Predicted classes of `n` resized images.
-    fn predict(&mut self, pixels: Vec<u8>, n: usize, desc: &ModelDescription) -> anyhow::Result<Vec<u32>> {
+    /// Class probabilities of `n` resized images, one row each.
+    fn probabilities(&mut self, pixels: Vec<u8>, n: usize, desc: &ModelDescription) -> anyhow::Result<Vec<Vec<f32>>> {
         match self {
-            Net::Ort(m) => Ok(m.run(pixels, n)?.iter().map(|p| p.top_class().unwrap_or(0) as u32).collect()),
+            Net::Ort(m) => Ok(m.run(pixels, n)?.into_iter().map(|p| p.probabilities).collect()),
             Net::Candle(c) => {
                 let s = desc.input_size;
                 let x = scale_pixels(&pixels, &desc.preprocessing);
                 let logits = c.forward_t(&Tensor::from_vec(x, (n, s, s, 3), &Device::Cpu)?, false)?;
-                Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
+                Ok(candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?)
             }
         }
+    }
+
+    /// Predicted classes of `n` resized images; with `flip`, from the probabilities averaged
+    /// with those of the mirrored images.
+    fn predict(&mut self, pixels: Vec<u8>, n: usize, desc: &ModelDescription, flip: bool) -> anyhow::Result<Vec<u32>> {
+        let mut p = self.probabilities(pixels.clone(), n, desc)?;
+        if flip {
+            let s = desc.input_size;
+            let mut mirrored = pixels;
+            for row in mirrored.chunks_exact_mut(s * 3) {
+                for x in 0..s / 2 {
+                    for c in 0..3 {
+                        row.swap(x * 3 + c, (s - 1 - x) * 3 + c);
+                    }
+                }
+            }
+            let q = self.probabilities(mirrored, n, desc)?;
+            for (a, b) in p.iter_mut().zip(q) {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x = (*x + y) / 2.0;
+                }
+            }
+        }
+        Ok(p.iter()
+            .map(|r| {
+                r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(i, _)| i as u32)
+            })
+            .collect())
     }
 }
 
@@ -157,7 +189,7 @@ pub fn evaluate(o: &EvalOptions) -> anyhow::Result<Vec<FolderReport>> {
             let d = decode_batch(&sources, desc.input_size as u32, &desc.preprocessing, &DecodeLimits::default());
             unreadable.extend(d.failed.iter().map(|(i, e)| format!("{}: {e}", chunk[*i].0.display())));
             if !d.decoded.is_empty() {
-                pred.extend(net.predict(d.pixels, d.decoded.len(), &desc)?);
+                pred.extend(net.predict(d.pixels, d.decoded.len(), &desc, o.flip)?);
                 for &i in &d.decoded {
                     truth.push(chunk[i].1);
                     paths.push(chunk[i].0.clone());
@@ -179,6 +211,7 @@ pub fn evaluate(o: &EvalOptions) -> anyhow::Result<Vec<FolderReport>> {
             files: files.len(),
             unreadable,
             engine: engine.clone(),
+            flip: o.flip,
             report,
             errors,
         });

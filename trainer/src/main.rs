@@ -59,6 +59,9 @@ struct EvalArgs {
     /// List every misclassified file.
     #[arg(long)]
     errors: bool,
+    /// Test-time flip averaging: each photo's probabilities averaged with its mirror image's.
+    #[arg(long)]
+    flip: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -254,10 +257,14 @@ fn main() -> anyhow::Result<()> {
                 engine: a.engine,
                 ort_lib: a.ort_lib,
                 batch: a.batch,
+                flip: a.flip,
             };
             let reports = trainer::eval::evaluate(&o)?;
             for r in &reports {
-                let only = r.only.as_ref().map(|p| format!(", files matching `{p}`")).unwrap_or_default();
+                let mut only = r.only.as_ref().map(|p| format!(", files matching `{p}`")).unwrap_or_default();
+                if r.flip {
+                    only += ", flip-averaged";
+                }
                 println!("{}{only} ({}):\n{}", r.folder.display(), r.engine, r.report.table());
                 for u in &r.unreadable {
                     println!("unreadable, skipped: {u}");

@@ -159,6 +159,7 @@ fn cached_path_equals_direct_forward() {
     let reported: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
     let (sandals, nothing) = (regex::Regex::new("^sandal_").unwrap(), regex::Regex::new("^nothing").unwrap());
+    let mut flipped = Vec::new();
     for engine in [trainer::config::CacheEngine::Onnxruntime, trainer::config::CacheEngine::Candle] {
         let o = trainer::eval::EvalOptions {
             run_dir: out.clone(),
@@ -167,9 +168,14 @@ fn cached_path_equals_direct_forward() {
             engine,
             ort_lib: Some(ort_lib()),
             batch: 5,
+            flip: false,
         };
         let r = &trainer::eval::evaluate(&o).unwrap()[0];
         assert_eq!(r.report.count, 12);
+        // Flip averaging: every photo and its mirror; both engines agree on the outcome.
+        let f = &trainer::eval::evaluate(&trainer::eval::EvalOptions { flip: true, ..o.clone() }).unwrap()[0];
+        assert!(f.flip && f.report.count == 12);
+        flipped.push(f.report.confusion.clone());
         assert_eq!(r.report.accuracy, reported["test"]["accuracy"].as_f64().unwrap(), "{engine:?}");
         assert_eq!(
             r.report.confusion,
@@ -184,6 +190,7 @@ fn cached_path_equals_direct_forward() {
         let e = trainer::eval::evaluate(&none).unwrap_err().to_string();
         assert!(e.contains("no images whose name matches `^nothing`"), "{e}");
     }
+    assert_eq!(flipped[0], flipped[1], "flip-averaged predictions of ONNX Runtime and Candle");
     std::fs::remove_dir_all(out).unwrap();
     std::fs::remove_dir_all(data).unwrap();
 }
