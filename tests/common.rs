@@ -69,6 +69,7 @@ pub fn trained() -> &'static Trained {
             max_samples: 3,
             candle_onnx: false,
             tolerance: 1e-4,
+            flip_average: false,
             ort: inference::SessionConfig { threads: 2, ort_lib: Some(ort_lib()), ..Default::default() },
         };
         exporter::export(&o).expect("exporting the small model");

@@ -184,6 +184,7 @@ pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Export
     let mut props = onnx_meta::properties(&desc, o.input_type, o.model_version, &toolchain);
     props.push((onnx_meta::PRECISION.into(), Precision::Int8.as_str().into()));
     props.push((onnx_meta::CALIBRATION.into(), serde_json::to_string(&calibration)?));
+    props.extend(crate::flip_property(o));
     let keep: HashSet<String> = q.keep_float.iter().cloned().collect();
     let (model, summary) = onnxgraph::build_int8(
         &desc,
@@ -215,12 +216,14 @@ pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Export
         };
         let files = labelled(&folder, &desc.classes)?;
         let paths: Vec<PathBuf> = files.iter().map(|(f, _)| f.clone()).collect();
+        let mut float_props = onnx_meta::properties(&desc, o.input_type, o.model_version, &toolchain);
+        float_props.extend(crate::flip_property(o));
         let float_model = graph::build(
             &desc,
             &weights,
             OnnxPrecision::F32,
             o.input_type,
-            &onnx_meta::properties(&desc, o.input_type, o.model_version, &toolchain),
+            &float_props,
             o.model_version,
             (PRODUCER, env!("CARGO_PKG_VERSION")),
         )?;

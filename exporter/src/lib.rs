@@ -36,6 +36,8 @@ pub struct ExportOptions {
     pub candle_onnx: bool,
     /// Largest absolute difference of logits accepted (1e-4 for float32).
     pub tolerance: f32,
+    /// Test-time flip averaging in the graph: each image and its mirror image, outputs averaged.
+    pub flip_average: bool,
     pub ort: inference::SessionConfig,
 }
 
@@ -51,6 +53,11 @@ pub struct Exported {
 /// The weights of a model directory as plain arrays.
 pub fn load_weights(dir: &ModelDir) -> anyhow::Result<Weights> {
     dir.tensors.iter().map(|(k, t)| Ok((k.clone(), (t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?)))).collect()
+}
+
+/// The metadata property that builds flip averaging into the graph, if asked for.
+pub fn flip_property(o: &ExportOptions) -> Option<(String, String)> {
+    o.flip_average.then(|| (onnx_meta::TEST_TIME_AUGMENTATION.into(), onnx_meta::FLIP.into()))
 }
 
 /// Where the verification report of `out` goes: `model.onnx` → `model.verification.json`.
@@ -71,6 +78,7 @@ pub fn export(o: &ExportOptions) -> anyhow::Result<Exported> {
         OnnxPrecision::F16 => onnx_meta::Precision::Float16,
     };
     props.push((onnx_meta::PRECISION.into(), precision.as_str().into()));
+    props.extend(flip_property(o));
     let model = graph::build(
         desc,
         &weights,

@@ -38,6 +38,10 @@ struct Args {
     /// int8: layers that keep float weights, comma-separated (e.g. block1_conv1,head_logits).
     #[arg(long, value_delimiter = ',')]
     keep_float: Vec<String>,
+    /// Test-time flip averaging built into the graph: every image runs with its mirror image and
+    /// the outputs are averaged (twice the work; the runtime needs no change).
+    #[arg(long)]
+    flip_average: bool,
     /// int8: labelled folder the file is verified on [default: the run's test split].
     #[arg(long)]
     verify_on: Option<PathBuf>,
@@ -119,6 +123,7 @@ fn main() -> anyhow::Result<()> {
         candle_onnx: !a.no_candle_onnx,
         tolerance: a.tolerance.unwrap_or(if a.precision == PrecisionArg::F16 { 5e-2 } else { 1e-4 }),
         ort: ort.clone(),
+        flip_average: a.flip_average,
     };
     let e = if a.precision == PrecisionArg::Int8 {
         let q = exporter::int8::Int8Options {

@@ -122,7 +122,9 @@ pub struct Report {
 }
 
 /// Reference logits from the Candle model of the run directory.
-fn candle_logits(dir: &ModelDir, samples: &Samples) -> anyhow::Result<(Vec<f32>, usize)> {
+/// With `flip`, the mean of the logits of each sample and of its mirror image (what a
+/// flip-averaging graph outputs).
+fn candle_logits(dir: &ModelDir, samples: &Samples, flip: bool) -> anyhow::Result<(Vec<f32>, usize)> {
     let dev = Device::Cpu;
     let desc = &dir.description;
     let model = Classifier::new(desc, dir.var_builder(&dev), XceptionOptions::default())?;
@@ -136,7 +138,15 @@ fn candle_logits(dir: &ModelDir, samples: &Samples) -> anyhow::Result<(Vec<f32>,
             input.extend(preprocess::scale_pixels(px, &desc.preprocessing));
         }
         let x = Tensor::from_vec(input, (chunk.len(), s, s, 3), &dev)?;
-        let y = model.forward_t(&x, false)?;
+        let mut y = model.forward_t(&x, false)?;
+        if flip {
+            let mut mirrored = Vec::with_capacity(chunk.len() * s * s * 3);
+            for px in chunk {
+                mirrored.extend(preprocess::scale_pixels(&preprocess::mirror_rgb(px, s), &desc.preprocessing));
+            }
+            let m = model.forward_t(&Tensor::from_vec(mirrored, (chunk.len(), s, s, 3), &dev)?, false)?;
+            y = ((y + m)? * 0.5)?;
+        }
         k = y.dim(1)?;
         all.extend(y.flatten_all()?.to_vec1::<f32>()?);
     }
@@ -186,7 +196,7 @@ pub fn verify(onnx_path: &Path, samples: &Samples, dir: &ModelDir, o: &crate::Ex
     let (name, run_dir, tol, ort) = (&o.out, &o.run_dir, o.tolerance, &o.ort);
     let (with_candle_onnx, input_type) = (o.candle_onnx, o.input_type);
     let bytes = std::fs::read(onnx_path).with_context(|| format!("reading back {}", onnx_path.display()))?;
-    let (want, k) = candle_logits(dir, samples)?;
+    let (want, k) = candle_logits(dir, samples, o.flip_average)?;
     let prep = &dir.description.preprocessing;
     let (scale, offset) = (prep.scale as f64, prep.offset as f64);
     let n = samples.len();

@@ -41,6 +41,7 @@ fn options(run_dir: &Path, out: &Path) -> ExportOptions {
         candle_onnx: true,
         tolerance: 1e-4,
         ort: ort(),
+        flip_average: false,
     }
 }
 
@@ -185,6 +186,29 @@ fn small_trained_model_exports_with_the_trainers_accuracy_and_a_triton_layout() 
     let m = OnnxModel::load(&outf, &ort()).unwrap();
     assert!(!m.info.preprocessing.scaling_in_graph);
     assert_eq!(m.info.precision, modelspec::onnx_meta::Precision::Float32);
+    assert_eq!(m.info.test_time_augmentation, None);
+
+    // Flip averaging in the graph: the Candle model's mean logits over each photo and its
+    // mirror image, and the predictions of `trainer eval --flip`.
+    let outflip = root.join("model-flip.onnx");
+    let ef = export(&ExportOptions { flip_average: true, ..options(&cfg.out, &outflip) }).unwrap();
+    let rf = ef.report.unwrap();
+    assert!(rf.engines[0].passed && rf.engines[0].max_abs_diff_logits.is_some_and(|d| d <= 1e-4), "{rf}");
+    let m = OnnxModel::load(&outflip, &ort()).unwrap();
+    assert_eq!(m.info.test_time_augmentation.as_deref(), Some("flip"));
+    drop(m);
+    let evflip = evaluate(&outflip, &data.join("test"), &ort());
+    let o = trainer::eval::EvalOptions {
+        run_dir: cfg.out.clone(),
+        folders: vec![data.join("test")],
+        only: None,
+        engine: trainer::config::CacheEngine::Candle,
+        ort_lib: None,
+        batch: 6,
+        flip: true,
+    };
+    let tf = &trainer::eval::evaluate(&o).unwrap()[0];
+    assert_eq!(evflip.correct, (0..3).map(|c| tf.report.confusion[c][c]).sum::<usize>());
 
     int8_files(&cfg.out, &root, &e);
 }

@@ -36,6 +36,11 @@ pub const HEAD: &str = "head";
 pub const PRECISION: &str = "precision";
 /// JSON of an int8 file's calibration (method, photos, seed), absent otherwise.
 pub const CALIBRATION: &str = "calibration";
+/// [`FLIP`] when the graph averages each image with its mirror image (outputs: the means of
+/// the two), absent otherwise.
+pub const TEST_TIME_AUGMENTATION: &str = "test_time_augmentation";
+/// The value of [`TEST_TIME_AUGMENTATION`] for flip averaging.
+pub const FLIP: &str = "flip";
 
 /// Names of the graph's input and outputs.
 pub const INPUT_NAME: &str = "image";
@@ -85,6 +90,8 @@ pub struct OnnxInfo {
     pub precision: Precision,
     /// An int8 file's calibration, as written (JSON).
     pub calibration: Option<serde_json::Value>,
+    /// `Some("flip")` when the graph averages each image with its mirror image.
+    pub test_time_augmentation: Option<String>,
 }
 
 /// A missing or malformed metadata property.
@@ -135,7 +142,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<OnnxInfo, MetaError
 }
 
 /// Every property this module writes.
-const KEYS: [&str; 14] = [
+const KEYS: [&str; 15] = [
     CLASSES,
     INPUT_SIZE,
     LAYOUT,
@@ -150,6 +157,7 @@ const KEYS: [&str; 14] = [
     TOOLCHAIN,
     PRECISION,
     CALIBRATION,
+    TEST_TIME_AUGMENTATION,
 ];
 
 fn parse_checked(get: impl Fn(&str) -> Option<String>) -> Result<OnnxInfo, MetaError> {
@@ -205,6 +213,13 @@ fn parse_checked(get: impl Fn(&str) -> Option<String>) -> Result<OnnxInfo, MetaE
         precision: match get(PRECISION) {
             Some(p) => p.trim().parse().map_err(|reason| MetaError { key: PRECISION, reason })?,
             None => Precision::Float32,
+        },
+        test_time_augmentation: match get(TEST_TIME_AUGMENTATION) {
+            Some(t) if t == FLIP => Some(t),
+            Some(t) => {
+                return Err(MetaError { key: TEST_TIME_AUGMENTATION, reason: format!("`{t}`: only `{FLIP}` is known") })
+            }
+            None => None,
         },
         calibration: match get(CALIBRATION) {
             Some(c) => Some(

@@ -207,6 +207,20 @@ pub fn to_input(img: &image::RgbImage, p: &Preprocessing) -> Vec<f32> {
 
 /// Scales resized pixels (any number of images, one after another) to the network's input:
 /// `x * scale + offset`.
+/// The mirror images (left-right) of square RGB images of side `side`, packed one after the
+/// other: what flip averaging runs beside each image.
+pub fn mirror_rgb(pixels: &[u8], side: usize) -> Vec<u8> {
+    let mut out = pixels.to_vec();
+    for row in out.chunks_exact_mut(side * 3) {
+        for x in 0..side / 2 {
+            for c in 0..3 {
+                row.swap(x * 3 + c, (side - 1 - x) * 3 + c);
+            }
+        }
+    }
+    out
+}
+
 pub fn scale_pixels(pixels: &[u8], p: &Preprocessing) -> Vec<f32> {
     pixels.iter().map(|&v| v as f32 * p.scale + p.offset).collect()
 }

@@ -22,7 +22,7 @@ use candle_onnx::onnx::{
 };
 use models::head::{DENSE, LOGITS};
 use models::layers::{self, ConvSpec, Padding, Relu, Residual, SepConvSpec, BN_EPSILON, FEATURES};
-use modelspec::onnx_meta::{InputType, FEATURES_NAME, INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME};
+use modelspec::onnx_meta::{self, InputType, FEATURES_NAME, INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME};
 use modelspec::ModelDescription;
 pub use quant::{build_int8, Int8Summary, TapRanges};
 use std::collections::HashMap;
@@ -144,6 +144,18 @@ impl<'w> Builder<'w> {
             dims: vec![],
             data_type: DataType::Float as i32,
             raw_data: v.to_le_bytes().to_vec(),
+            ..Default::default()
+        });
+        name.into()
+    }
+
+    /// An int64 vector constant.
+    fn const_i64s(&mut self, name: &str, v: &[i64]) -> String {
+        self.inits.push(TensorProto {
+            name: name.into(),
+            dims: vec![v.len() as i64],
+            data_type: DataType::Int64 as i32,
+            raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             ..Default::default()
         });
         name.into()
@@ -376,6 +388,12 @@ fn build_with_ranges(
     producer: (&str, &str),
 ) -> Result<(ModelProto, Vec<(String, quant::RangeSource)>), GraphError> {
     let mut b = Builder { w, precision, nodes: Vec::new(), inits: Vec::new(), ranges: Vec::new() };
+    // Test-time flip averaging, when the metadata says so: the network runs on each image and
+    // its mirror image (one batch of 2N), and the outputs are the means of the two halves.
+    let flip = props.iter().any(|(k, v)| k == onnx_meta::TEST_TIME_AUGMENTATION && v == onnx_meta::FLIP);
+    if flip && desc.head.is_none() {
+        return Err(GraphError("flip averaging needs a classifier head".into()));
+    }
     let p = &desc.preprocessing;
     let scaled = match input_type {
         InputType::Uint8 => {
@@ -390,6 +408,17 @@ fn build_with_ranges(
     let mut x = b.node("Transpose", "input/nchw", &[&scaled], vec![ints("perm", &[0, 3, 1, 2])]);
     let (lo, hi) = (p.offset, 255.0 * p.scale + p.offset);
     b.ranges.push((x.clone(), quant::RangeSource::Fixed(lo.min(hi), lo.max(hi))));
+    if flip {
+        let nchw = x.clone();
+        let starts = b.const_i64s("input/mirror/starts", &[-1]);
+        let ends = b.const_i64s("input/mirror/ends", &[i64::MIN]);
+        let axes = b.const_i64s("input/mirror/axes", &[3]);
+        let steps = b.const_i64s("input/mirror/steps", &[-1]);
+        let m = b.node("Slice", "input/mirror", &[&nchw, &starts, &ends, &axes, &steps], vec![]);
+        x = b.node("Concat", "input/with_mirror", &[&nchw, &m], vec![int("axis", 0)]);
+        b.ranges.push((m, quant::RangeSource::Same(nchw.clone())));
+        b.ranges.push((x.clone(), quant::RangeSource::Same(nchw)));
+    }
     if precision == OnnxPrecision::F16 {
         x = b.node("Cast", "input/f16", &[&x], vec![int("to", DataType::Float16 as i64)]);
     }
@@ -408,8 +437,24 @@ fn build_with_ranges(
                 logits = b.node("Cast", "logits/f32", &[&logits], vec![int("to", DataType::Float as i64)]);
             }
             // Name the outputs by renaming the last nodes' outputs through Identity.
-            b.node("Identity", LOGITS_NAME, &[&logits], vec![]);
-            b.node("Softmax", PROBABILITIES_NAME, &[LOGITS_NAME], vec![int("axis", 1)]);
+            if flip {
+                // [2N, C] → [2, N, C] → mean over the image and its mirror.
+                let shape = b.const_i64s("flip/shape", &[2, -1, h.classes as i64]);
+                let probs = b.node("Softmax", "flip/probabilities", &[&logits], vec![int("axis", 1)]);
+                for (x, out) in [(logits.clone(), LOGITS_NAME), (probs, PROBABILITIES_NAME)] {
+                    let halves = b.node("Reshape", &format!("flip/{out}/halves"), &[&x, &shape], vec![]);
+                    let mean = b.node(
+                        "ReduceMean",
+                        &format!("flip/{out}/mean"),
+                        &[&halves],
+                        vec![ints("axes", &[0]), int("keepdims", 0)],
+                    );
+                    b.node("Identity", out, &[&mean], vec![]);
+                }
+            } else {
+                b.node("Identity", LOGITS_NAME, &[&logits], vec![]);
+                b.node("Softmax", PROBABILITIES_NAME, &[LOGITS_NAME], vec![int("axis", 1)]);
+            }
             let c = Ok(h.classes as i64);
             outputs.push(value_info(LOGITS_NAME, DataType::Float, &[batch, c]));
             outputs.push(value_info(PROBABILITIES_NAME, DataType::Float, &[batch, c]));

@@ -354,6 +354,7 @@ fn info(m: &ModelArgs) -> anyhow::Result<ExitCode> {
         "toolchain": i.toolchain,
         "precision": i.precision,
         "calibration": i.calibration,
+        "test_time_augmentation": i.test_time_augmentation,
         "execution_provider": model.provider,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);

@@ -145,16 +145,7 @@ impl Net {
     fn predict(&mut self, pixels: Vec<u8>, n: usize, desc: &ModelDescription, flip: bool) -> anyhow::Result<Vec<u32>> {
         let mut p = self.probabilities(pixels.clone(), n, desc)?;
         if flip {
-            let s = desc.input_size;
-            let mut mirrored = pixels;
-            for row in mirrored.chunks_exact_mut(s * 3) {
-                for x in 0..s / 2 {
-                    for c in 0..3 {
-                        row.swap(x * 3 + c, (s - 1 - x) * 3 + c);
-                    }
-                }
-            }
-            let q = self.probabilities(mirrored, n, desc)?;
+            let q = self.probabilities(modelspec::preprocess::mirror_rgb(&pixels, desc.input_size), n, desc)?;
             for (a, b) in p.iter_mut().zip(q) {
                 for (x, y) in a.iter_mut().zip(b) {
                     *x = (*x + y) / 2.0;
