@@ -189,7 +189,7 @@ impl Engine<'_> {
 
     /// With ONNX Runtime: the largest difference from the Candle network on the first items of
     /// `x`, relative to the Candle features' largest magnitude (maps and pooled features).
-    fn check(&mut self, x: &[f32], size: usize, upto: usize, dev: &Device) -> anyhow::Result<Option<f32>> {
+    pub fn check(&mut self, x: &[f32], size: usize, upto: usize, dev: &Device) -> anyhow::Result<Option<f32>> {
         let Engine::OnnxRuntime { check, .. } = self else { return Ok(None) };
         let check: &Xception = check;
         let per = size * size * 3;

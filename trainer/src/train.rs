@@ -411,7 +411,19 @@ fn cache_engine<'a>(
         let bytes = prost::Message::encode_to_vec(&model);
         let name = PathBuf::from(format!("<frozen blocks 1-{upto}>"));
         let session = inference::session::FloatSession::from_bytes(&bytes, &name, 0, cfg.ort_lib.as_deref())?;
-        Ok(Engine::OnnxRuntime { session: Box::new(session), upto, check: frozen })
+        let mut engine = Engine::OnnxRuntime { session: Box::new(session), upto, check: frozen };
+        // Two seeded noise images through both engines before any photo: a library that
+        // disagrees is not used (each cache's first batch of photos is checked again).
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let noise: Vec<f32> =
+            (0..2 * cfg.image_size * cfg.image_size * 3).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let d = engine.check(&noise, cfg.image_size, upto, dev)?.expect("an ONNX Runtime engine checks");
+        anyhow::ensure!(
+            d <= features::ENGINE_TOLERANCE,
+            "its features differ from Candle's by {d:.1e} (relative), over {:.0e}",
+            features::ENGINE_TOLERANCE
+        );
+        Ok(engine)
     };
     match build() {
         Ok(e) => Ok(e),
