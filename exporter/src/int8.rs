@@ -17,6 +17,7 @@ use crate::{load_weights, ExportOptions, Exported, PRODUCER};
 use anyhow::{bail, Context};
 use candle_core::Device;
 use inference::batch::predict_files;
+use inference::evaluate::{scores, Scores};
 use inference::OnnxModel;
 use models::weights::ModelDir;
 use modelspec::onnx_meta::{self, Precision};
@@ -50,14 +51,6 @@ impl Default for Int8Options {
             max_accuracy_drop: 0.003,
         }
     }
-}
-
-/// Accuracy and macro-F1 of one file on the verification photos.
-#[derive(Debug, Clone, Serialize)]
-pub struct Scores {
-    pub correct: usize,
-    pub accuracy: f64,
-    pub macro_f1: f64,
 }
 
 /// One requirement of the verification.
@@ -129,30 +122,6 @@ fn predictions(model: &mut OnnxModel, files: &[PathBuf]) -> anyhow::Result<HashM
     Ok(r.predicted.into_iter().map(|(f, p)| (f, p.top_class().unwrap_or(0))).collect())
 }
 
-fn scores(pred: &[usize], truth: &[usize], k: usize) -> Scores {
-    let mut confusion = vec![vec![0usize; k]; k];
-    for (&p, &t) in pred.iter().zip(truth) {
-        confusion[t][p] += 1;
-    }
-    let correct: usize = (0..k).map(|c| confusion[c][c]).sum();
-    let f1 = |c: usize| {
-        let tp = confusion[c][c] as f64;
-        let predicted: usize = (0..k).map(|t| confusion[t][c]).sum();
-        let support: usize = confusion[c].iter().sum();
-        let (p, r) = (tp / predicted.max(1) as f64, tp / support.max(1) as f64);
-        if p + r > 0.0 {
-            2.0 * p * r / (p + r)
-        } else {
-            0.0
-        }
-    };
-    Scores {
-        correct,
-        accuracy: correct as f64 / pred.len().max(1) as f64,
-        macro_f1: (0..k).map(f1).sum::<f64>() / k.max(1) as f64,
-    }
-}
-
 /// Writes the int8 file of `o.run_dir` to `o.out`, verified unless `o.verify` is off.
 pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Exported, Option<Int8Report>)> {
     let dir = ModelDir::load(&o.run_dir, &Device::Cpu)
@@ -197,12 +166,8 @@ pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Export
         &keep,
     )?;
     let bytes = model.encode_to_vec();
-    let parent = o.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = o.out.file_name().context("the output needs a file name")?.to_string_lossy().into_owned();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    let optimized = parent.join(format!(".{name}.optimized-{}", std::process::id()));
+    let tmp = crate::write_beside(&o.out, &bytes)?;
+    let optimized = crate::beside(&o.out, "optimized")?;
     let result = (|| -> anyhow::Result<Option<Int8Report>> {
         if !o.verify {
             return Ok(None);

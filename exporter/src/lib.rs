@@ -55,6 +55,21 @@ pub fn load_weights(dir: &ModelDir) -> anyhow::Result<Weights> {
     dir.tensors.iter().map(|(k, t)| Ok((k.clone(), (t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?)))).collect()
 }
 
+/// A hidden scratch path beside `out` (`.model.onnx.<what>-<pid>`), its folder created.
+pub fn beside(out: &Path, what: &str) -> anyhow::Result<PathBuf> {
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = out.file_name().context("the output needs a file name")?.to_string_lossy().into_owned();
+    Ok(parent.join(format!(".{name}.{what}-{}", std::process::id())))
+}
+
+/// Writes `bytes` to a temporary file beside `out` (renamed over it once verified).
+pub fn write_beside(out: &Path, bytes: &[u8]) -> anyhow::Result<PathBuf> {
+    let tmp = beside(out, "tmp")?;
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    Ok(tmp)
+}
+
 /// The metadata property that builds flip averaging into the graph, if asked for.
 pub fn flip_property(o: &ExportOptions) -> Option<(String, String)> {
     o.flip_average.then(|| (onnx_meta::TEST_TIME_AUGMENTATION.into(), onnx_meta::FLIP.into()))
@@ -91,11 +106,7 @@ pub fn export(o: &ExportOptions) -> anyhow::Result<Exported> {
     let bytes = model.encode_to_vec();
 
     // Written beside the target and renamed over it only once verified.
-    let parent = o.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = o.out.file_name().context("the output needs a file name")?.to_string_lossy().into_owned();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    let tmp = write_beside(&o.out, &bytes)?;
     let cleanup = |e: anyhow::Error| {
         let _ = std::fs::remove_file(&tmp);
         e

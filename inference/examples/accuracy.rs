@@ -5,6 +5,7 @@
 //!   cargo run --release -p inference --example accuracy -- FOLDER model.onnx model.int8.onnx ...
 
 use inference::batch::predict_files;
+use inference::evaluate::scores;
 use inference::{OnnxModel, SessionConfig};
 use modelspec::preprocess::image_files;
 use std::collections::HashMap;
@@ -29,29 +30,14 @@ fn main() {
         let r = predict_files(&mut m, &paths, 32).expect("runs");
         let pred: HashMap<PathBuf, usize> =
             r.predicted.into_iter().map(|(p, x)| (p, x.top_class().unwrap_or(0))).collect();
-        let k = classes.len();
-        let mut confusion = vec![vec![0usize; k]; k];
+        let (mut predicted, mut truth) = (Vec::new(), Vec::new());
         for (p, t) in &photos {
             if let Some(&y) = pred.get(p) {
-                confusion[*t][y] += 1;
+                predicted.push(y);
+                truth.push(*t);
             }
         }
-        let n: usize = confusion.iter().flatten().sum();
-        let correct: usize = (0..k).map(|c| confusion[c][c]).sum();
-        let f1: f64 = (0..k)
-            .map(|c| {
-                let tp = confusion[c][c] as f64;
-                let predicted: usize = (0..k).map(|t| confusion[t][c]).sum();
-                let support: usize = confusion[c].iter().sum();
-                let (p, r) = (tp / predicted.max(1) as f64, tp / support.max(1) as f64);
-                if p + r > 0.0 {
-                    2.0 * p * r / (p + r)
-                } else {
-                    0.0
-                }
-            })
-            .sum::<f64>()
-            / k as f64;
+        let sc = scores(&predicted, &truth, classes.len());
         let same = match &first {
             None => "-".to_string(),
             Some(base) => {
@@ -60,11 +46,13 @@ fn main() {
             }
         };
         println!(
-            "| {} | {} | {n} | {:.2}% ({correct}) | {:.4} | {same} |",
+            "| {} | {} | {} | {:.2}% ({}) | {:.4} | {same} |",
             f.display(),
             m.info.precision,
-            100.0 * correct as f64 / n.max(1) as f64,
-            f1
+            predicted.len(),
+            100.0 * sc.accuracy,
+            sc.correct,
+            sc.macro_f1
         );
         if first.is_none() {
             first = Some(pred);

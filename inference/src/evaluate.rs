@@ -84,3 +84,49 @@ pub fn evaluate(model: &mut OnnxModel, folder: &Path) -> Result<Evaluation, Eval
         unreadable: r.failed.iter().map(|(f, e)| format!("{}: {e}", f.display())).collect(),
     })
 }
+
+/// Accuracy and macro-F1 of predicted against true classes.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scores {
+    pub correct: usize,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+}
+
+/// [`Scores`] of `pred` against `truth`, classes `0..k`.
+pub fn scores(pred: &[usize], truth: &[usize], k: usize) -> Scores {
+    let mut confusion = vec![vec![0usize; k]; k];
+    for (&p, &t) in pred.iter().zip(truth) {
+        confusion[t][p] += 1;
+    }
+    let correct: usize = (0..k).map(|c| confusion[c][c]).sum();
+    let f1 = |c: usize| {
+        let tp = confusion[c][c] as f64;
+        let predicted: usize = (0..k).map(|t| confusion[t][c]).sum();
+        let support: usize = confusion[c].iter().sum();
+        let (p, r) = (tp / predicted.max(1) as f64, tp / support.max(1) as f64);
+        if p + r > 0.0 {
+            2.0 * p * r / (p + r)
+        } else {
+            0.0
+        }
+    };
+    Scores {
+        correct,
+        accuracy: correct as f64 / pred.len().max(1) as f64,
+        macro_f1: (0..k).map(f1).sum::<f64>() / k.max(1) as f64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn scores_by_hand() {
+        // boot: 2 right, 1 called sandal; sandal: 1 right.
+        let s = super::scores(&[0, 0, 1, 1], &[0, 0, 0, 1], 2);
+        assert_eq!(s.correct, 3);
+        assert_eq!(s.accuracy, 0.75);
+        // F1 boot = 2·1·(2/3)/(1+2/3) = 0.8; sandal = 2·0.5·1/1.5 = 2/3.
+        assert!((s.macro_f1 - (0.8 + 2.0 / 3.0) / 2.0).abs() < 1e-12);
+    }
+}
