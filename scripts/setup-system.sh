@@ -4,7 +4,7 @@
 # scripts/main.sh, scripts/test.sh and .ci/run, so that each works alone on a fresh machine.
 #
 #   ./scripts/setup-system.sh main    # build, train, export, predict
-#   ./scripts/setup-system.sh test    # the above + headless Chromium for the web-page test
+#   ./scripts/setup-system.sh test    # the above + headless Chromium, venvs, curl, openssl for tests
 #   ./scripts/setup-system.sh ci      # the above + what scripts/check-cuda.sh needs
 set -euo pipefail
 job=${1:-main}
@@ -25,9 +25,12 @@ if [ "$job" != main ]; then
   cmd chromium chromium
   cmd chromium-driver chromedriver
 fi
-if [ "$job" = ci ]; then
-  # scripts/check-cuda.sh: a venv for the CUDA compiler wheels.
+if [ "$job" != main ]; then
+  # scripts/setup-python-clients.sh (the tests' tritonclient) and scripts/check-cuda.sh (the
+  # CUDA compiler wheels): venvs.
   python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
+  cmd curl curl                     # tests/: HTTPS and CORS seen by a real client
+  cmd openssl openssl               # tests/: a self-signed certificate for the TLS test
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 

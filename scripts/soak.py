@@ -99,7 +99,7 @@ def main():
 
     log = open(os.path.join(a.out, "server.log"), "w")
     server = subprocess.Popen(
-        [a.bin, "serve", "--port", "0", "-m", a.model, *a.extra],
+        [a.bin, "serve", "--port", "0", "--grpc-port", "0", "-m", a.model, *a.extra],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1", "RUST_LOG": "info"},
     )
     port = None

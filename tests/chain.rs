@@ -128,7 +128,9 @@ fn server_labels_real_photos_and_answers_every_bad_input_with_a_json_4xx() {
         // Once answered by an abort: the resize asked for 96 GB.
         ("40,000,000 x 1 header", post("image/png", png_header(40_000_000, 1)), 413, "image_too_large"),
         ("body over 1 MiB", post("image/jpeg", vec![0u8; 2 << 20]), 413, "body_too_large"),
-        ("wrong content type", post("application/json", b"{}".to_vec()), 415, "unsupported_content_type"),
+        ("wrong content type", post("text/plain", b"{}".to_vec()), 415, "unsupported_content_type"),
+        ("JSON without an image", post("application/json", b"{}".to_vec()), 400, "no_image"),
+        ("JSON with an unknown field", post("application/json", br#"{"img": "aGk="}"#.to_vec()), 400, "malformed_json"),
     ];
     for (what, (status, v), want, code) in &cases {
         assert_eq!(*status, *want, "{what}: {v}");
@@ -400,6 +402,7 @@ fn web_page_in_headless_chromium_uploads_a_photo_and_shows_its_label() {
             }
         }
         let c = c.expect("cannot reach chromedriver");
+        c.set_window_size(1200, 900).await.unwrap();
         c.goto(&server.url).await.unwrap();
         let input = c.find(fantoccini::Locator::Css("#file")).await.unwrap();
         input.send_keys(&photo.display().to_string()).await.unwrap();
@@ -414,13 +417,39 @@ fn web_page_in_headless_chromium_uploads_a_photo_and_shows_its_label() {
         };
         let bars = c.find_all(fantoccini::Locator::Css("#probs .bar")).await.unwrap().len();
         let error = c.find(fantoccini::Locator::Css("#error")).await.unwrap().text().await.unwrap();
+        // The layout: nothing overlaps the drop box, the photo is shown, each bar has a width.
+        let layout = c
+            .execute(
+                r##"const r = (q) => document.querySelector(q).getBoundingClientRect();
+                const img = document.getElementById("preview");
+                const fills = [...document.querySelectorAll("#probs .fill")].map((f) => f.getBoundingClientRect().width);
+                return {
+                  header_bottom: r("header").bottom, drop_top: r("#drop").top,
+                  photo_shown: img.complete && img.naturalWidth > 0 && r("#preview").height > 50,
+                  bars_right_of_photo: r("#probs").left >= r("#drop").right,
+                  widest_bar: Math.max(...fills), widths: fills,
+                };"##,
+                vec![],
+            )
+            .await
+            .unwrap();
+        let shot = c.screenshot().await.unwrap();
         c.close().await.unwrap();
-        (text, bars, error)
+        (text, bars, error, layout, shot)
     });
     let _ = driver.kill();
     let _ = driver.wait();
-    let (text, bars, error) = shown;
-    println!("page shows: {text}");
+    let (text, bars, error, layout, shot) = shown;
+    println!("page shows: {text}; layout {layout}");
+    // The screenshot in docs/ comes from here (1200 x 900).
+    let png = testkit::repo().join("target/web-page.png");
+    std::fs::write(&png, &shot).unwrap();
+    println!("screenshot: {}", png.display());
+    assert!(shot.starts_with(b"\x89PNG"), "a PNG screenshot");
+    assert!(layout["header_bottom"].as_f64().unwrap() <= layout["drop_top"].as_f64().unwrap(), "{layout}");
+    assert_eq!(layout["photo_shown"], serde_json::json!(true), "{layout}");
+    assert_eq!(layout["bars_right_of_photo"], serde_json::json!(true), "at 1200 px, two columns: {layout}");
+    assert!(layout["widest_bar"].as_f64().unwrap() > 20.0, "{layout}");
     assert!(error.is_empty(), "{error}");
     assert!(text.starts_with(&format!("{expected} (")), "page shows `{text}`, the API says `{expected}`");
     assert_eq!(bars, 3, "one probability bar per class");

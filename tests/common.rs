@@ -58,29 +58,37 @@ pub fn trained() -> &'static Trained {
         cfg.head.epochs = 25;
         let outcome = trainer::train::run(&cfg, false, &Device::Cpu).expect("training the small model");
         let onnx = dir.join("model.onnx");
-        let o = exporter::ExportOptions {
-            run_dir: cfg.out.clone(),
-            out: onnx.clone(),
-            precision: exporter::graph::OnnxPrecision::F32,
-            input_type: modelspec::onnx_meta::InputType::Uint8,
-            model_version: 7,
-            verify: true,
-            samples: vec![],
-            max_samples: 3,
-            candle_onnx: false,
-            tolerance: 1e-4,
-            flip_average: false,
-            ort: inference::SessionConfig { threads: 2, ort_lib: Some(ort_lib()), ..Default::default() },
-        };
-        exporter::export(&o).expect("exporting the small model");
+        export(&cfg.out, &onnx, 7, false);
         Trained { dir, onnx, data, test_accuracy: outcome.test.as_ref().expect("the test split is evaluated").accuracy }
     })
+}
+
+/// Exports (and verifies) a trained run as `out`, with `model_version` in its metadata.
+pub fn export(run_dir: &Path, out: &Path, model_version: i64, flip_average: bool) {
+    let o = exporter::ExportOptions {
+        run_dir: run_dir.to_path_buf(),
+        out: out.to_path_buf(),
+        precision: exporter::graph::OnnxPrecision::F32,
+        input_type: modelspec::onnx_meta::InputType::Uint8,
+        model_version,
+        verify: true,
+        samples: vec![],
+        max_samples: 3,
+        candle_onnx: false,
+        tolerance: 1e-4,
+        flip_average,
+        ort: inference::SessionConfig { threads: 2, ort_lib: Some(ort_lib()), ..Default::default() },
+    };
+    exporter::export(&o).expect("exporting the small model");
 }
 
 /// A running `footwear serve`, stopped with SIGTERM on drop.
 pub struct Server {
     pub child: Child,
+    /// `http://127.0.0.1:PORT` (`https://` with --tls-cert).
     pub url: String,
+    /// `127.0.0.1:PORT` of the gRPC endpoint, unless --no-grpc.
+    pub grpc: Option<String>,
 }
 
 impl Server {
@@ -91,6 +99,7 @@ impl Server {
             .args(if extra.contains(&"--max-delay-ms") { &[][..] } else { &["--max-delay-ms", "10"][..] })
             .arg("--ort-lib")
             .arg(ort_lib())
+            .args(if extra.contains(&"--no-grpc") { &[][..] } else { &["--grpc-port", "0"][..] })
             .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -102,14 +111,23 @@ impl Server {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[server] {line}");
-                if let Some(i) = line.find("http://127.0.0.1:") {
-                    let port: String = line[i + 17..].chars().take_while(char::is_ascii_digit).collect();
-                    let _ = tx.send(port);
+                for scheme in ["http", "https", "grpc", "grpcs"] {
+                    let at = format!("{scheme}://127.0.0.1:");
+                    if let Some(i) = line.find(&at) {
+                        let port: String = line[i + at.len()..].chars().take_while(char::is_ascii_digit).collect();
+                        let _ = tx.send((scheme, port));
+                    }
                 }
             }
         });
-        let port = rx.recv_timeout(Duration::from_secs(60)).expect("the server did not start");
-        Server { child, url: format!("http://127.0.0.1:{port}") }
+        let mut grpc = None;
+        loop {
+            let (scheme, port) = rx.recv_timeout(Duration::from_secs(60)).expect("the server did not start");
+            match scheme {
+                "grpc" | "grpcs" => grpc = Some(format!("127.0.0.1:{port}")),
+                _ => return Server { child, url: format!("{scheme}://127.0.0.1:{port}"), grpc },
+            }
+        }
     }
 
     /// SIGTERM, then the exit status (graceful shutdown).

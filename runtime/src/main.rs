@@ -26,7 +26,11 @@ enum Cmd {
     /// Classify image files, folders or globs.
     Predict(PredictArgs),
     /// Serve predictions over HTTP (/v1/predict, KServe v2, /metrics, a web page at /).
-    Serve(ServeArgs),
+    ///
+    /// SIGHUP or `POST /v2/repository/models/NAME/load` reloads the model file without
+    /// downtime: replace the file (e.g. `mv new.onnx model.onnx`), then signal; a file that fails
+    /// to load or warm up leaves the old model serving.
+    Serve(Box<ServeArgs>),
     /// Print what the model's metadata says.
     Info(ModelArgs),
 }
@@ -99,6 +103,21 @@ struct ServeArgs {
     host: String,
     #[arg(long, default_value_t = 8080)]
     port: u16,
+    /// Port of the gRPC endpoint (KServe v2 / Open Inference Protocol; 0: any free port).
+    #[arg(long, default_value_t = 8081, conflicts_with = "no_grpc")]
+    grpc_port: u16,
+    /// No gRPC endpoint.
+    #[arg(long)]
+    no_grpc: bool,
+    /// Serve HTTPS and gRPC over TLS with this PEM certificate chain (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Let web pages from this origin call the server (CORS; repeat for several; `*`: any).
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
     /// ONNX Runtime sessions serving the queue (each with --threads threads).
     #[arg(long, default_value_t = 1)]
     sessions: usize,
@@ -304,7 +323,14 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
     if a.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
         bail!("--token (or FOOTWEAR_TOKEN) is empty: an empty token would protect nothing; give a secret or leave it unset");
     }
-    let sessions = (0..a.sessions).map(|_| load(&a.model, true)).collect::<anyhow::Result<Vec<_>>>()?;
+    let load_all = {
+        let (m, n) = (a.model.clone(), a.sessions);
+        move |path: &Path| -> anyhow::Result<Vec<OnnxModel>> {
+            let m = ModelArgs { model: path.to_path_buf(), ..m.clone() };
+            (0..n).map(|_| load(&m, true)).collect()
+        }
+    };
+    let sessions = load_all(&a.model.model)?;
     let cfg = ServeConfig {
         batch: BatchConfig {
             max_batch: a.max_batch,
@@ -320,22 +346,77 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
         token: a.token.clone(),
         top_k: a.top_k,
         threshold: a.threshold,
+        cors_origins: a.cors_origins.clone(),
         ..ServeConfig::default()
     };
     let cfg = ServeConfig { max_decodes: a.max_decodes.unwrap_or(cfg.max_decodes), ..cfg };
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => Some((server::tls_acceptor(cert, key)?, std::fs::read(cert)?, std::fs::read(key)?)),
+        _ => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
+        // Warm-up runs before the port opens: readiness is never true for a cold model.
+        let state = server::state(sessions, a.model.model.clone(), std::sync::Arc::new(load_all), cfg)?;
+        let app = server::app(state.clone())?;
         let addr = format!("{}:{}", a.host, a.port);
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
-        tracing::info!("serving on http://{} (web page at /, POST /v1/predict, /v2, /metrics)", listener.local_addr()?);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        tokio::spawn(reload_on_sighup(state.clone()));
+        let grpc = if a.no_grpc {
+            None
+        } else {
+            let gaddr = format!("{}:{}", a.host, a.grpc_port);
+            let gl = tokio::net::TcpListener::bind(&gaddr)
+                .await
+                .with_context(|| format!("binding {gaddr} (gRPC; --grpc-port, --no-grpc)"))?;
+            let local = gl.local_addr()?;
+            let mut builder = tonic::transport::Server::builder().timeout(Duration::from_secs(a.request_timeout_s));
+            let scheme = if let Some((_, cert, key)) = &tls {
+                let identity = tonic::transport::Identity::from_pem(cert, key);
+                builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+                "grpcs"
+            } else {
+                "grpc"
+            };
+            tracing::info!("gRPC (KServe v2) on {scheme}://{local}");
+            let router = builder.add_service(runtime::grpc::service(state.clone()));
+            let incoming = tonic::transport::server::TcpIncoming::from(gl);
+            Some(tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()))))
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(
+            "serving on {scheme}://{} (web page at /, POST /v1/predict, /v2, /metrics, /openapi.json)",
+            listener.local_addr()?
+        );
         let conn = server::ConnConfig {
             header_timeout: Duration::from_secs(a.header_timeout_s),
             shutdown_deadline: Duration::from_secs(a.shutdown_timeout_s),
         };
-        server::serve(listener, server::app(sessions, cfg), shutdown_signal(), conn).await?;
+        server::serve(listener, app, stopped(stop_rx), conn, tls.map(|t| t.0)).await?;
+        if let Some(g) = grpc {
+            g.await?.context("gRPC server")?;
+        }
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Each SIGHUP reloads the model file (see `AppState::reload`; a refused file is logged and the
+/// old model keeps serving).
+async fn reload_on_sighup(state: std::sync::Arc<server::AppState>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading {}", state.current().file.display());
+        let _ = state.reload().await;
+    }
 }
 
 fn info(m: &ModelArgs) -> anyhow::Result<ExitCode> {

@@ -58,6 +58,13 @@ pub struct Metrics {
     failed_batches: Counter,
     panics: Counter,
     memory_bound: Gauge,
+    reloads: Family<ResultLabels, Counter>,
+    model_version: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
 }
 
 impl Default for Metrics {
@@ -91,7 +98,13 @@ impl Metrics {
             "Most memory requests can take on top of the loaded model, from the settings",
             memory_bound.clone(),
         );
+        let reloads = Family::<ResultLabels, Counter>::default();
+        let model_version = Gauge::default();
+        registry.register("model_reloads", "Model reloads by result (ok, refused)", reloads.clone());
+        registry.register("model_version", "The version of the model serving", model_version.clone());
         Self {
+            reloads,
+            model_version,
             registry,
             requests,
             errors,
@@ -137,6 +150,18 @@ impl Metrics {
     /// How long one request waited for its batch.
     pub fn queued_for(&self, queue: Duration) {
         self.queue.observe(queue.as_secs_f64());
+    }
+
+    /// A model file was loaded (at start or by a reload).
+    pub fn model_loaded(&self, version: &str) {
+        self.model_version.set(version.parse().unwrap_or(-1));
+    }
+
+    /// A reload ended: swapped in (`ok`) or refused; `version`: the version serving now.
+    pub fn reloaded(&self, ok: bool, version: &str) {
+        let result = if ok { "ok" } else { "refused" };
+        self.reloads.get_or_create(&ResultLabels { result: result.into() }).inc();
+        self.model_loaded(version);
     }
 
     pub fn set_memory_bound(&self, bytes: u64) {

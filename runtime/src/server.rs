@@ -3,10 +3,13 @@
 //! `{"error": "...", "code": "..."}` with a 4xx/5xx status (the v2 protocol's error shape, plus a
 //! machine-readable code); no panic reaches a client.
 
-use crate::batcher::{BatchConfig, Batched, Batcher, SubmitError};
+use crate::batcher::{BatchConfig, Batched};
 use crate::metrics::Metrics;
+use crate::model::{InferError, Loader, Served};
+use crate::v2;
+use arc_swap::ArcSwap;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -14,10 +17,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use inference::answer::{answer, Answer};
 use inference::OnnxModel;
-use modelspec::onnx_meta::{INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME};
 use modelspec::preprocess::{self, ImageError, Source};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -48,6 +51,8 @@ pub struct ServeConfig {
     pub max_decodes: usize,
     pub top_k: usize,
     pub threshold: f32,
+    /// Origins allowed to call the server from a browser (CORS); `*`: any; none: CORS off.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServeConfig {
@@ -65,6 +70,7 @@ impl Default for ServeConfig {
             max_decodes: std::thread::available_parallelism().map_or(2, |n| n.get()),
             top_k: 3,
             threshold: 0.0,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -84,20 +90,25 @@ impl ServeConfig {
     }
 }
 
-/// What the handlers share.
+/// What the handlers (HTTP and gRPC) share.
 pub struct AppState {
-    batcher: Batcher,
-    name: String,
-    version: String,
-    classes: Vec<String>,
-    size: usize,
-    preprocessing: modelspec::Preprocessing,
-    cfg: ServeConfig,
-    metrics: Metrics,
+    /// The model serving now; a reload swaps it.
+    model: ArcSwap<Served>,
+    reloader: Reloader,
+    pub(crate) cfg: ServeConfig,
+    pub(crate) metrics: Metrics,
     /// Permits of the inference requests admitted ([`ServeConfig::max_inflight`]).
-    inflight: Arc<Semaphore>,
+    pub(crate) inflight: Arc<Semaphore>,
     /// Permits of the decodes running ([`ServeConfig::max_decodes`]).
     decodes: Arc<Semaphore>,
+}
+
+/// How a reload gets the new model: the file it reads, how to load its sessions, and one
+/// reload at a time.
+struct Reloader {
+    file: PathBuf,
+    loader: Loader,
+    busy: tokio::sync::Mutex<()>,
 }
 
 /// An error answer.
@@ -109,17 +120,23 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self { status, code, message: message.into() }
     }
-    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
     /// 503 with `Retry-After`: the server is full, the request was not started.
-    fn overloaded(message: impl Into<String>) -> Self {
+    pub(crate) fn overloaded(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
     }
-    fn too_many_images(n: usize, max: usize) -> Self {
+    pub(crate) fn too_many_images(n: usize, max: usize) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_many_images",
@@ -152,7 +169,7 @@ fn image_error(part: &str, e: ImageError) -> ApiError {
     }
 }
 
-fn body_error(status: StatusCode, e: impl std::fmt::Display, limit: usize) -> ApiError {
+pub(crate) fn body_error(status: StatusCode, e: impl std::fmt::Display, limit: usize) -> ApiError {
     let msg = e.to_string();
     // tower-http's body timeout, as the extractors word it.
     if msg.contains("designated timeout") || msg.contains("timed out") {
@@ -169,10 +186,85 @@ fn body_error(status: StatusCode, e: impl std::fmt::Display, limit: usize) -> Ap
 }
 
 impl AppState {
-    /// Decodes and resizes images off the async threads; the first image that cannot be read
-    /// fails the request, naming its part.
-    async fn to_pixels(&self, parts: Vec<(String, Bytes)>) -> Result<(Vec<String>, Vec<u8>), ApiError> {
-        let (size, prep, max) = (self.size as u32, self.preprocessing.clone(), self.cfg.limits);
+    /// The state of a server of `model`, reloaded from `file` through `loader`.
+    pub fn new(model: Served, file: PathBuf, loader: Loader, cfg: ServeConfig, metrics: Metrics) -> Arc<Self> {
+        let (inflight, decodes) =
+            (Arc::new(Semaphore::new(cfg.max_inflight)), Arc::new(Semaphore::new(cfg.max_decodes)));
+        metrics.model_loaded(&model.version);
+        Arc::new(Self {
+            model: ArcSwap::from_pointee(model),
+            reloader: Reloader { file, loader, busy: tokio::sync::Mutex::new(()) },
+            cfg,
+            metrics,
+            inflight,
+            decodes,
+        })
+    }
+
+    /// The model serving now. A request takes it once and keeps it to the end, so that a reload
+    /// in between does not mix two models in one answer.
+    pub fn current(&self) -> Arc<Served> {
+        self.model.load_full()
+    }
+
+    /// Zero-downtime reload: loads the model file again (the operator has replaced it), checks
+    /// its metadata, warms every session up, and only then swaps it in; requests in flight
+    /// finish on the old model, whose sessions stop when the last of them is done. A file that
+    /// fails any step leaves the old model serving, and the error says why. One reload at a
+    /// time; the model's name may not change (clients address it by name).
+    pub async fn reload(&self) -> Result<Arc<Served>, String> {
+        let _one = self.reloader.busy.lock().await;
+        let t0 = Instant::now();
+        let old = self.current();
+        let (file, loader) = (self.reloader.file.clone(), self.reloader.loader.clone());
+        let (batch, observe) = (self.cfg.batch, self.metrics.batch_observer());
+        let loaded = tokio::task::spawn_blocking(move || {
+            let sessions = loader(&file)?;
+            Served::start(sessions, &file, batch, observe)
+        })
+        .await
+        .map_err(|e| format!("reload: {e}"))
+        .and_then(|r| r.map_err(|e| format!("{e:#}")))
+        .and_then(|new| {
+            if new.name == old.name {
+                Ok(new)
+            } else {
+                Err(format!(
+                    "{}: the new file's model is `{}`, not `{}`; a server keeps its model's name",
+                    new.file.display(),
+                    new.name,
+                    old.name
+                ))
+            }
+        });
+        match loaded {
+            Ok(new) => {
+                let new = Arc::new(new);
+                self.model.store(new.clone());
+                self.metrics.reloaded(true, &new.version);
+                tracing::info!(
+                    "reloaded {}: model `{}` version {} -> {} ({}), warm, serving; took {:.0} ms",
+                    new.file.display(),
+                    new.name,
+                    old.version,
+                    new.version,
+                    new.precision,
+                    t0.elapsed().as_secs_f64() * 1e3
+                );
+                Ok(new)
+            }
+            Err(e) => {
+                self.metrics.reloaded(false, &old.version);
+                tracing::error!("reload refused, version {} keeps serving: {e}", old.version);
+                Err(format!("reload refused, version {} keeps serving: {e}", old.version))
+            }
+        }
+    }
+
+    /// Decodes and resizes images off the async threads for model `m`; the first image that
+    /// cannot be read fails the request, naming its part.
+    async fn to_pixels(&self, m: &Served, parts: Vec<(String, Bytes)>) -> Result<(Vec<String>, Vec<u8>), ApiError> {
+        let (size, prep, max) = (m.size as u32, m.preprocessing.clone(), self.cfg.limits);
         // Waits for a decode slot: decodes, not requests, are what take memory and cores. The
         // permit goes with the decoding thread (which a timed-out request cannot stop), and its
         // images are decoded one after another, so that a permit is one decode at a time.
@@ -193,20 +285,21 @@ impl AppState {
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("decoding failed: {e}")))?
     }
 
-    async fn infer(&self, pixels: Vec<u8>, n: usize) -> Result<Batched, ApiError> {
-        let b = tokio::time::timeout(self.cfg.timeout, self.batcher.submit(pixels, n))
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "timeout",
-                    format!("no answer within {:?}; the server is overloaded, retry later", self.cfg.timeout),
-                )
-            })?
-            .map_err(|e| match e {
-                SubmitError::QueueFull(_) => ApiError::overloaded(format!("{e}; retry later")),
-                e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference_failed", e.to_string()),
-            })?;
+    /// Runs `n` images of `pixels` on model `m` (`started`: when the request began).
+    pub(crate) async fn infer(
+        &self,
+        m: &Served,
+        pixels: Vec<u8>,
+        n: usize,
+        started: Instant,
+    ) -> Result<Batched, ApiError> {
+        let b = m.infer(pixels, n, self.cfg.timeout, started).await.map_err(|e| match e {
+            InferError::Timeout(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", e.to_string()),
+            InferError::QueueFull(_) => ApiError::overloaded(e.to_string()),
+            InferError::Failed(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference_failed", e.to_string())
+            }
+        })?;
         self.metrics.queued_for(b.queue);
         Ok(b)
     }
@@ -225,9 +318,69 @@ struct NamedAnswer {
     answer: Answer,
 }
 
-const IMAGE_TYPES: &str = "image/jpeg, image/png, image/webp, application/octet-stream or multipart/form-data";
+const IMAGE_TYPES: &str =
+    "image/jpeg, image/png, image/webp, application/octet-stream, multipart/form-data or application/json (base64)";
 
-/// `POST /v1/predict`: the image as the body, or one or several images as multipart parts.
+/// One image of a JSON body: base64, or an object naming it.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum JsonImage {
+    Base64(String),
+    Named { name: Option<String>, b64: String },
+}
+
+/// A JSON body of `/v1/predict`: `{"image": "<base64>"}` or `{"images": ["<base64>" | {"name":
+/// "a.jpg", "b64": "<base64>"}, ...]}`; base64 may be a `data:image/...;base64,` URL.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonImages {
+    image: Option<String>,
+    images: Option<Vec<JsonImage>>,
+}
+
+/// The images of a JSON body, each decoded from base64 (an error names the field).
+fn json_images(body: &[u8], max_images: usize) -> Result<Vec<(String, Bytes)>, ApiError> {
+    use base64::Engine;
+    let req: JsonImages = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(
+            "malformed_json",
+            format!("JSON body: {e}; send {{\"image\": \"<base64>\"}} or {{\"images\": [...]}}"),
+        )
+    })?;
+    let list: Vec<(String, String)> = match (req.image, req.images) {
+        (Some(one), None) => vec![("image".into(), one)],
+        (None, Some(many)) => many
+            .into_iter()
+            .enumerate()
+            .map(|(i, im)| match im {
+                JsonImage::Base64(b) => (format!("images[{i}]"), b),
+                JsonImage::Named { name, b64 } => (name.unwrap_or_else(|| format!("images[{i}]")), b64),
+            })
+            .collect(),
+        _ => return Err(ApiError::bad_request("no_image", "the JSON body needs exactly one of `image` and `images`")),
+    };
+    if list.is_empty() {
+        return Err(ApiError::bad_request("no_image", "`images` is empty"));
+    }
+    if list.len() > max_images {
+        return Err(ApiError::too_many_images(list.len(), max_images));
+    }
+    list.into_iter()
+        .map(|(name, b64)| {
+            let data = match b64.strip_prefix("data:") {
+                Some(url) => url.split_once(";base64,").map_or("", |(_, d)| d),
+                None => b64.as_str(),
+            };
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(data.trim())
+                .map_err(|e| ApiError::bad_request("bad_base64", format!("{name}: not base64: {e}")))?;
+            Ok((name, Bytes::from(bytes)))
+        })
+        .collect()
+}
+
+/// `POST /v1/predict`: the image as the body, one or several images as multipart parts, or
+/// JSON with base64 images.
 async fn predict(
     State(s): State<Arc<AppState>>,
     q: Result<Query<PredictQuery>, axum::extract::rejection::QueryRejection>,
@@ -265,6 +418,9 @@ async fn predict(
             return Err(ApiError::bad_request("no_image", "the multipart body has no parts; send one image per part"));
         }
         parts
+    } else if mime == "application/json" {
+        let bytes = Bytes::from_request(req, &()).await.map_err(|e| body_error(e.status(), e, limit))?;
+        json_images(&bytes, s.cfg.max_images)?
     } else if mime.is_empty() || mime.starts_with("image/") || mime == "application/octet-stream" {
         let bytes = Bytes::from_request(req, &()).await.map_err(|e| body_error(e.status(), e, limit))?;
         vec![("body".to_string(), bytes)]
@@ -275,19 +431,20 @@ async fn predict(
             format!("content type `{ctype}` is not an image; send {IMAGE_TYPES}"),
         ));
     };
-    let (names, pixels) = s.to_pixels(parts).await?;
+    let m = s.current();
+    let (names, pixels) = s.to_pixels(&m, parts).await?;
     let decoded = t0.elapsed();
     let n = names.len();
-    let b = s.infer(pixels, n).await?;
+    let b = s.infer(&m, pixels, n, t0).await?;
     let (k, threshold) = (q.top_k.unwrap_or(s.cfg.top_k), q.threshold.unwrap_or(s.cfg.threshold));
     let answers: Vec<NamedAnswer> = names
         .into_iter()
         .zip(&b.predictions)
-        .map(|(file, p)| NamedAnswer { file, answer: answer(&p.probabilities, &s.classes, k, threshold) })
+        .map(|(file, p)| NamedAnswer { file, answer: answer(&p.probabilities, &m.classes, k, threshold) })
         .collect();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mut body = json!({
-        "model": {"name": s.name, "version": s.version},
+        "model": {"name": m.name, "version": m.version},
         "timings_ms": {"decode": ms(decoded), "queue": ms(b.queue), "inference": ms(b.inference), "total": ms(t0.elapsed())},
         "batch_size": b.batch_size,
     });
@@ -300,178 +457,13 @@ async fn predict(
     Ok(Json(body))
 }
 
-fn check_model(s: &AppState, name: &str) -> Result<(), ApiError> {
-    if name == s.name {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_model",
-            format!("model `{name}` not found; this server serves `{}`", s.name),
-        ))
-    }
-}
-
-async fn v2_server() -> Json<Value> {
-    Json(json!({"name": "footwear-runtime", "version": env!("CARGO_PKG_VERSION"), "extensions": []}))
-}
-
-async fn v2_live() -> Json<Value> {
-    Json(json!({"live": true}))
-}
-
-/// Ready while at least one session worker runs.
-async fn v2_ready(State(s): State<Arc<AppState>>) -> Response {
-    let live = s.batcher.live();
-    let status = if live > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"ready": live > 0, "live_sessions": live}))).into_response()
-}
-
-async fn v2_model(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    check_model(&s, &name)?;
-    let (n, c) = (s.size as i64, s.classes.len());
-    Ok(Json(json!({
-        "name": s.name,
-        "versions": [s.version],
-        "platform": "onnxruntime_onnx",
-        "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, n, n, 3]}],
-        "outputs": [
-            {"name": LOGITS_NAME, "datatype": "FP32", "shape": [-1, c]},
-            {"name": PROBABILITIES_NAME, "datatype": "FP32", "shape": [-1, c]},
-        ],
-        "parameters": {"classes": s.classes},
-    })))
-}
-
-async fn v2_model_ready(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    check_model(&s, &name)?;
-    Ok(Json(json!({"name": s.name, "ready": s.batcher.live() > 0})))
-}
-
-#[derive(Deserialize)]
-struct InferInput {
-    name: String,
-    shape: Vec<i64>,
-    datatype: String,
-    data: Value,
-}
-
-#[derive(Deserialize)]
-struct InferOutputRequest {
-    name: String,
-}
-
-#[derive(Deserialize)]
-struct InferRequest {
-    id: Option<String>,
-    inputs: Vec<InferInput>,
-    #[serde(default)]
-    outputs: Option<Vec<InferOutputRequest>>,
-}
-
-/// Flattens a (possibly nested) JSON array of numbers into pixel bytes.
-fn flatten_pixels(v: &Value, out: &mut Vec<u8>) -> Result<(), String> {
-    match v {
-        Value::Array(a) => a.iter().try_for_each(|x| flatten_pixels(x, out)),
-        Value::Number(n) => match n
-            .as_u64()
-            .filter(|&x| x <= 255)
-            .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && (0.0..=255.0).contains(f)).map(|f| f as u64))
-        {
-            Some(x) => {
-                out.push(x as u8);
-                Ok(())
-            }
-            None => Err(format!("{n} is not a UINT8 value (0-255)")),
-        },
-        other => Err(format!("{other} is not a number")),
-    }
-}
-
-/// `POST /v2/models/{name}/infer` (Open Inference Protocol, JSON tensors).
-async fn v2_infer(
-    State(s): State<Arc<AppState>>,
-    Path(name): Path<String>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
-    check_model(&s, &name)?;
-    let body = body.map_err(|e| body_error(e.status(), e, s.cfg.max_body_bytes))?;
-    let req: InferRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("malformed_json", format!("inference request: {e}")))?;
-    let [input] = req.inputs.as_slice() else {
-        return Err(ApiError::bad_request(
-            "bad_inputs",
-            format!("expected exactly one input `{INPUT_NAME}`, got {}", req.inputs.len()),
-        ));
-    };
-    if input.name != INPUT_NAME {
-        return Err(ApiError::bad_request(
-            "bad_inputs",
-            format!("unknown input `{}`; the model's input is `{INPUT_NAME}`", input.name),
-        ));
-    }
-    if input.datatype != "UINT8" {
-        return Err(ApiError::bad_request(
-            "bad_datatype",
-            format!("input datatype {} (expected UINT8)", input.datatype),
-        ));
-    }
-    let sz = s.size as i64;
-    let n = match input.shape.as_slice() {
-        [n, h, w, 3] if *n >= 1 && *h == sz && *w == sz => *n as usize,
-        other => {
-            return Err(ApiError::bad_request(
-                "bad_shape",
-                format!("input shape {other:?} (expected [N, {sz}, {sz}, 3] with N >= 1)"),
-            ))
-        }
-    };
-    if n > s.cfg.max_images {
-        return Err(ApiError::too_many_images(n, s.cfg.max_images));
-    }
-    let mut pixels = Vec::with_capacity(n * s.size * s.size * 3);
-    flatten_pixels(&input.data, &mut pixels)
-        .map_err(|e| ApiError::bad_request("bad_data", format!("input data: {e}")))?;
-    if pixels.len() != n * s.size * s.size * 3 {
-        return Err(ApiError::bad_request(
-            "bad_shape",
-            format!("{} values for shape {:?} ({} expected)", pixels.len(), input.shape, n * s.size * s.size * 3),
-        ));
-    }
-    let wanted: Vec<String> = match &req.outputs {
-        Some(o) if !o.is_empty() => o.iter().map(|o| o.name.clone()).collect(),
-        _ => vec![LOGITS_NAME.into(), PROBABILITIES_NAME.into()],
-    };
-    if let Some(bad) = wanted.iter().find(|w| *w != LOGITS_NAME && *w != PROBABILITIES_NAME) {
-        return Err(ApiError::bad_request("bad_outputs", format!("unknown output `{bad}`")));
-    }
-    let b = s.infer(pixels, n).await?;
-    let c = s.classes.len();
-    let outputs: Vec<Value> = wanted
-        .iter()
-        .map(|w| {
-            let data: Vec<f32> = b
-                .predictions
-                .iter()
-                .flat_map(|p| if w == LOGITS_NAME { p.logits.clone() } else { p.probabilities.clone() })
-                .collect();
-            json!({"name": w, "datatype": "FP32", "shape": [n, c], "data": data})
-        })
-        .collect();
-    let mut out = json!({"model_name": s.name, "model_version": s.version, "outputs": outputs});
-    if let Some(id) = req.id {
-        out["id"] = json!(id);
-    }
-    Ok(Json(out))
-}
-
 async fn metrics_page(State(s): State<Arc<AppState>>) -> Response {
-    s.metrics.set_queue(s.batcher.queued());
+    s.metrics.set_queue(s.current().batcher.queued());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.encode()).into_response()
 }
 
 async fn page(State(s): State<Arc<AppState>>) -> Html<String> {
-    let name = s.name.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let name = s.current().name.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
     Html(include_str!("../web/index.html").replace("{{MODEL}}", &name))
 }
 
@@ -482,7 +474,17 @@ async fn not_found() -> ApiError {
 /// The route a path belongs to, as a metrics label (model names folded, unknown paths `other`,
 /// so that clients cannot grow the label set).
 fn endpoint_label(path: &str) -> String {
-    const FIXED: [&str; 6] = ["/", "/v1/predict", "/v2", "/v2/health/live", "/v2/health/ready", "/metrics"];
+    const FIXED: [&str; 9] = [
+        "/",
+        "/v1/predict",
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/metrics",
+        "/openapi.json",
+        "/v2/models/stats",
+        "/v2/repository/index",
+    ];
     if let Some(f) = FIXED.iter().find(|f| **f == path) {
         return f.to_string();
     }
@@ -491,7 +493,15 @@ fn endpoint_label(path: &str) -> String {
         ["v2", "models", _] => "/v2/models/{name}",
         ["v2", "models", _, "ready"] => "/v2/models/{name}/ready",
         ["v2", "models", _, "infer"] => "/v2/models/{name}/infer",
+        ["v2", "models", _, "config"] => "/v2/models/{name}/config",
+        ["v2", "models", _, "stats"] => "/v2/models/{name}/stats",
         ["v2", "models", _, "versions", _] => "/v2/models/{name}/versions/{version}",
+        ["v2", "models", _, "versions", _, "ready"] => "/v2/models/{name}/versions/{version}/ready",
+        ["v2", "models", _, "versions", _, "infer"] => "/v2/models/{name}/versions/{version}/infer",
+        ["v2", "models", _, "versions", _, "config"] => "/v2/models/{name}/versions/{version}/config",
+        ["v2", "models", _, "versions", _, "stats"] => "/v2/models/{name}/versions/{version}/stats",
+        ["v2", "repository", "models", _, "load"] => "/v2/repository/models/{name}/load",
+        ["v2", "repository", "models", _, "unload"] => "/v2/repository/models/{name}/unload",
         _ => "other",
     }
     .to_string()
@@ -541,10 +551,11 @@ async fn limit_time(State(s): State<Arc<AppState>>, req: Request, next: Next) ->
     }
 }
 
-/// Whether a path needs the token: inference and model metadata do; the page, health, server
-/// metadata, metrics and unknown paths do not.
+/// Whether a path needs the token: inference, model metadata, statistics and the repository
+/// (reload) do; the page, health, server metadata, metrics, the OpenAPI description and unknown
+/// paths do not.
 fn protected(path: &str) -> bool {
-    path.starts_with("/v1/") || path.starts_with("/v2/models/")
+    path.starts_with("/v1/") || path.starts_with("/v2/models/") || path.starts_with("/v2/repository/")
 }
 
 /// The bearer token, when one is set, checked before anything reads the body (an unknown client
@@ -566,7 +577,7 @@ async fn authorize(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Requ
 }
 
 /// Equality whose time depends on the lengths only, not on where the bytes differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -610,36 +621,83 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
         .into_response()
 }
 
-/// The application: routes, limits, auth, metrics, panic guard.
-pub fn app(sessions: Vec<OnnxModel>, cfg: ServeConfig) -> Router {
-    let first = &sessions[0];
-    let d = &first.info.description;
-    let (name, version, classes) = (d.name.clone(), first.info.model_version.to_string(), d.classes.clone());
-    let (size, preprocessing) = (d.input_size, d.preprocessing.clone());
+/// Loads nothing: checks and warms up `sessions` (of `file`) and builds the server's state;
+/// `loader` loads the file again on a reload.
+pub fn state(
+    sessions: Vec<OnnxModel>,
+    file: PathBuf,
+    loader: Loader,
+    cfg: ServeConfig,
+) -> anyhow::Result<Arc<AppState>> {
     let metrics = Metrics::new();
-    metrics.set_memory_bound(cfg.memory_bound_bytes(size));
-    tracing::info!(
-        "requests may take at most {} MiB on top of the loaded model (docs/reliability.md)",
-        cfg.memory_bound_bytes(size) >> 20
-    );
-    let batcher = Batcher::start(sessions, cfg.batch, metrics.batch_observer());
-    let (inflight, decodes) = (Arc::new(Semaphore::new(cfg.max_inflight)), Arc::new(Semaphore::new(cfg.max_decodes)));
-    let state =
-        Arc::new(AppState { name, version, classes, size, preprocessing, metrics, batcher, cfg, inflight, decodes });
+    let model = Served::start(sessions, &file, cfg.batch, metrics.batch_observer())?;
+    let bound = cfg.memory_bound_bytes(model.size);
+    metrics.set_memory_bound(bound);
+    tracing::info!("requests may take at most {} MiB on top of the loaded model (docs/reliability.md)", bound >> 20);
+    Ok(AppState::new(model, file, loader, cfg, metrics))
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], include_str!("../web/openapi.json")).into_response()
+}
+
+/// CORS for the origins given (`*`: any), off when none is.
+fn cors(origins: &[String]) -> anyhow::Result<Option<tower_http::cors::CorsLayer>> {
+    use axum::http::{HeaderName, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let list = origins
+            .iter()
+            .map(|o| {
+                HeaderValue::from_str(o.trim_end_matches('/'))
+                    .map_err(|_| anyhow::anyhow!("--cors-origin {o:?} is not a valid origin"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        AllowOrigin::list(list)
+    };
+    let binary = HeaderName::from_static(v2::HEADER_LENGTH);
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, binary.clone()])
+            .expose_headers([binary, header::RETRY_AFTER])
+            .max_age(Duration::from_secs(600)),
+    ))
+}
+
+/// The application: routes, limits, auth, metrics, CORS, panic guard.
+pub fn app(state: Arc<AppState>) -> anyhow::Result<Router> {
     let inference = Router::new()
         .route("/v1/predict", post(predict))
-        .route("/v2/models/{name}/infer", post(v2_infer))
+        .route("/v2/models/{name}/infer", post(v2::infer))
+        .route("/v2/models/{name}/versions/{version}/infer", post(v2::infer))
         .route_layer(middleware::from_fn_with_state(state.clone(), admit));
     let protected = Router::new()
-        .route("/v2/models/{name}", get(v2_model))
-        .route("/v2/models/{name}/versions/{version}", get(v2_model))
-        .route("/v2/models/{name}/ready", get(v2_model_ready))
+        .route("/v2/models/stats", get(v2::stats))
+        .route("/v2/models/{name}", get(v2::model))
+        .route("/v2/models/{name}/versions/{version}", get(v2::model))
+        .route("/v2/models/{name}/ready", get(v2::model_ready))
+        .route("/v2/models/{name}/versions/{version}/ready", get(v2::model_ready))
+        .route("/v2/models/{name}/config", get(v2::model_config))
+        .route("/v2/models/{name}/versions/{version}/config", get(v2::model_config))
+        .route("/v2/models/{name}/stats", get(v2::stats))
+        .route("/v2/models/{name}/versions/{version}/stats", get(v2::stats))
+        .route("/v2/repository/index", post(v2::repository_index))
+        .route("/v2/repository/models/{name}/load", post(v2::repository_load))
+        .route("/v2/repository/models/{name}/unload", post(v2::repository_unload))
         .merge(inference);
-    Router::new()
+    let router = Router::new()
         .route("/", get(page))
-        .route("/v2", get(v2_server))
-        .route("/v2/health/live", get(v2_live))
-        .route("/v2/health/ready", get(v2_ready))
+        .route("/openapi.json", get(openapi))
+        .route("/v2", get(v2::server_metadata))
+        .route("/v2/health/live", get(v2::live))
+        .route("/v2/health/ready", get(v2::ready))
         .route("/metrics", get(metrics_page))
         .merge(protected)
         .fallback(not_found)
@@ -648,9 +706,13 @@ pub fn app(sessions: Vec<OnnxModel>, cfg: ServeConfig) -> Router {
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(state.cfg.body_timeout))
         .layer(middleware::from_fn_with_state(state.clone(), limit_time))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
-        .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes));
+    // Outside authorization: a browser's preflight carries no token.
+    let router = match cors(&state.cfg.cors_origins)? {
+        Some(layer) => router.layer(layer),
+        None => router,
+    };
+    Ok(router.layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response)).with_state(state))
 }
 
 /// Connection settings of [`serve`].
@@ -672,12 +734,14 @@ impl Default for ConnConfig {
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and lets the
 /// requests in flight finish (each ends within the request timeout), closing whatever is left
-/// after `conn.shutdown_deadline`. HTTP/1.1 over hyper, with a header read timeout.
+/// after `conn.shutdown_deadline`. HTTP/1.1 over hyper, with a header read timeout; over TLS
+/// when `tls` is given (the handshake, too, within the header timeout).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     conn: ConnConfig,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -696,13 +760,29 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(conn.header_timeout)
-            .serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        let builder = {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new()).header_read_timeout(conn.header_timeout);
+            b
+        };
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let r = match tls {
+                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await,
+                Some(acceptor) => match tokio::time::timeout(conn.header_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await,
+                    Ok(Err(e)) => {
+                        tracing::debug!("TLS handshake: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("TLS handshake: no handshake within {:?}", conn.header_timeout);
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = r {
                 tracing::debug!("connection: {e}");
             }
         });
@@ -712,4 +792,28 @@ pub async fn serve(
         tracing::warn!("requests still running {:?} after the shutdown signal: closing them", conn.shutdown_deadline);
     }
     Ok(())
+}
+
+/// A TLS server configuration (rustls) from PEM files: the certificate chain and its private key.
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use anyhow::Context;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("--tls-cert {}: reading PEM certificates", cert.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("--tls-cert {}: no certificate in the file", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("--tls-key {}: reading a PEM private key", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("--tls-cert and --tls-key do not make a usable certificate and key")?;
+    let mut config = config;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

@@ -1,0 +1,262 @@
+//! KServe v2 over gRPC: the Open Inference Protocol's `inference.GRPCInferenceService`
+//! (proto/open_inference_grpc.proto) with tonic, on its own port, in front of the same model,
+//! batcher, limits and token as HTTP; plus Triton's ModelStatistics, RepositoryIndex and
+//! RepositoryModelLoad. Inputs come as `raw_input_contents` (what Triton's clients send) or as
+//! typed `uint_contents`; outputs go back as `raw_output_contents` (little-endian FP32).
+
+use crate::server::{ApiError, AppState};
+use crate::v2;
+use std::sync::Arc;
+use std::time::Instant;
+use tonic::{Request, Response, Status};
+
+#[allow(clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("inference");
+}
+
+use proto::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+use proto::*;
+
+/// The gRPC service over the server's state.
+pub struct Grpc {
+    state: Arc<AppState>,
+}
+
+/// The tonic service, with the server's body limit as its message limit.
+pub fn service(state: Arc<AppState>) -> GrpcInferenceServiceServer<Grpc> {
+    let limit = state.cfg.max_body_bytes;
+    GrpcInferenceServiceServer::new(Grpc { state })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit.max(4 << 20))
+}
+
+impl Grpc {
+    /// The bearer token, when the server has one, from the `authorization` metadata.
+    fn authorize<T>(&self, r: &Request<T>) -> Result<(), Status> {
+        let Some(token) = self.state.cfg.token.as_deref() else { return Ok(()) };
+        let given =
+            r.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if given.is_some_and(|g| crate::server::constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("missing or wrong `authorization: Bearer` token"))
+        }
+    }
+
+    fn stats(&self, name: &str, version: &str) -> Result<ModelStatistics, Status> {
+        let m = self.state.current();
+        if !name.is_empty() {
+            v2::check_model(&m, name, Some(version))?;
+        }
+        let s = &m.stats;
+        let d = |t: &crate::model::Tally| {
+            let (count, ns) = t.get();
+            Some(StatisticDuration { count, ns })
+        };
+        let zero = Some(StatisticDuration::default());
+        let batches = s.batches.lock().unwrap_or_else(|p| p.into_inner());
+        use std::sync::atomic::Ordering::Relaxed;
+        Ok(ModelStatistics {
+            name: m.name.clone(),
+            version: m.version.clone(),
+            last_inference: s.last_inference_ms.load(Relaxed),
+            inference_count: s.inference_count.load(Relaxed),
+            execution_count: s.execution_count.load(Relaxed),
+            inference_stats: Some(InferStatistics {
+                success: d(&s.success),
+                fail: d(&s.fail),
+                queue: d(&s.queue),
+                compute_input: zero,
+                compute_infer: d(&s.compute_infer),
+                compute_output: zero,
+            }),
+            batch_stats: batches
+                .iter()
+                .map(|(size, (count, ns))| InferBatchStatistics {
+                    batch_size: *size as u64,
+                    compute_input: Some(StatisticDuration { count: *count, ns: 0 }),
+                    compute_infer: Some(StatisticDuration { count: *count, ns: *ns }),
+                    compute_output: Some(StatisticDuration { count: *count, ns: 0 }),
+                })
+                .collect(),
+        })
+    }
+}
+
+fn tensor(name: &str, datatype: &str, shape: Vec<i64>) -> model_metadata_response::TensorMetadata {
+    model_metadata_response::TensorMetadata { name: name.into(), datatype: datatype.into(), shape }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for Grpc {
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse { ready: self.state.current().ready() }))
+    }
+
+    async fn model_ready(&self, r: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+        self.authorize(&r)?;
+        let m = self.state.current();
+        let r = r.into_inner();
+        v2::check_model(&m, &r.name, Some(&r.version))?;
+        Ok(Response::new(ModelReadyResponse { ready: m.ready() }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: "footwear-runtime".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: v2::EXTENSIONS.iter().map(|e| e.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        r: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        self.authorize(&r)?;
+        let m = self.state.current();
+        let r = r.into_inner();
+        v2::check_model(&m, &r.name, Some(&r.version))?;
+        let (n, c) = (m.size as i64, m.classes.len() as i64);
+        use modelspec::onnx_meta::{INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME};
+        Ok(Response::new(ModelMetadataResponse {
+            name: m.name.clone(),
+            versions: vec![m.version.clone()],
+            platform: "onnxruntime_onnx".into(),
+            inputs: vec![tensor(INPUT_NAME, "UINT8", vec![-1, n, n, 3])],
+            outputs: vec![tensor(LOGITS_NAME, "FP32", vec![-1, c]), tensor(PROBABILITIES_NAME, "FP32", vec![-1, c])],
+            properties: [("classes".to_string(), m.classes.join(",")), ("precision".to_string(), m.precision.clone())]
+                .into_iter()
+                .collect(),
+        }))
+    }
+
+    async fn model_infer(&self, r: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+        let t0 = Instant::now();
+        self.authorize(&r)?;
+        let s = &self.state;
+        let _permit = s.inflight.clone().try_acquire_owned().map_err(|_| {
+            Status::unavailable(format!(
+                "{} requests are already being served (--max-inflight); retry later",
+                s.cfg.max_inflight
+            ))
+        })?;
+        let m = s.current();
+        let mut r = r.into_inner();
+        v2::check_model(&m, &r.model_name, Some(&r.model_version))?;
+        let [input] = r.inputs.as_slice() else {
+            return Err(Status::invalid_argument(format!(
+                "expected exactly one input `{}`, got {}",
+                modelspec::onnx_meta::INPUT_NAME,
+                r.inputs.len()
+            )));
+        };
+        let n = v2::input_count(&m, s.cfg.max_images, &input.name, &input.datatype, &input.shape)?;
+        let pixels = match (r.raw_input_contents.len(), &input.contents) {
+            (1, None) => std::mem::take(&mut r.raw_input_contents[0]),
+            (0, Some(c)) => c
+                .uint_contents
+                .iter()
+                .map(|&v| u8::try_from(v).map_err(|_| format!("{v} is not a UINT8 value (0-255)")))
+                .collect::<Result<Vec<u8>, String>>()
+                .map_err(|e| Status::invalid_argument(format!("input `{}` uint_contents: {e}", input.name)))?,
+            (raw, typed) => {
+                return Err(Status::invalid_argument(format!(
+                    "input `{}`: give its data either in raw_input_contents (one entry) or in contents.uint_contents; got {raw} raw entries and {} contents",
+                    input.name,
+                    if typed.is_some() { "typed" } else { "no" }
+                )))
+            }
+        };
+        v2::check_pixel_count(&m, pixels.len(), n, &input.shape)?;
+        let names = v2::output_names(r.outputs.iter().map(|o| o.name.clone()).collect())?;
+        let b = s.infer(&m, pixels, n, t0).await?;
+        let c = m.classes.len() as i64;
+        let mut outputs = Vec::new();
+        let mut raw = Vec::new();
+        for name in &names {
+            outputs.push(model_infer_response::InferOutputTensor {
+                name: name.clone(),
+                datatype: "FP32".into(),
+                shape: vec![n as i64, c],
+                ..Default::default()
+            });
+            raw.push(v2::output_values(&b, name).iter().flat_map(|v| v.to_le_bytes()).collect());
+        }
+        Ok(Response::new(ModelInferResponse {
+            model_name: m.name.clone(),
+            model_version: m.version.clone(),
+            id: r.id,
+            parameters: Default::default(),
+            outputs,
+            raw_output_contents: raw,
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        r: Request<ModelStatisticsRequest>,
+    ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        self.authorize(&r)?;
+        let r = r.into_inner();
+        Ok(Response::new(ModelStatisticsResponse { model_stats: vec![self.stats(&r.name, &r.version)?] }))
+    }
+
+    async fn repository_index(
+        &self,
+        r: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        self.authorize(&r)?;
+        let m = self.state.current();
+        let state = if m.ready() { "READY" } else { "UNAVAILABLE" };
+        Ok(Response::new(RepositoryIndexResponse {
+            models: vec![repository_index_response::ModelIndex {
+                name: m.name.clone(),
+                version: m.version.clone(),
+                state: state.into(),
+                reason: String::new(),
+            }],
+        }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        r: Request<RepositoryModelLoadRequest>,
+    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        self.authorize(&r)?;
+        let r = r.into_inner();
+        v2::check_model(&self.state.current(), &r.model_name, None)?;
+        if !r.parameters.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "load parameters {:?} are not supported: replace the model file and load again",
+                r.parameters.keys().collect::<Vec<_>>()
+            )));
+        }
+        self.state.reload().await.map_err(Status::failed_precondition)?;
+        Ok(Response::new(RepositoryModelLoadResponse {}))
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        use axum::http::StatusCode as H;
+        let code = match e.status() {
+            H::NOT_FOUND => tonic::Code::NotFound,
+            H::UNAUTHORIZED => tonic::Code::Unauthenticated,
+            H::SERVICE_UNAVAILABLE => tonic::Code::Unavailable,
+            H::PAYLOAD_TOO_LARGE => tonic::Code::ResourceExhausted,
+            H::REQUEST_TIMEOUT => tonic::Code::DeadlineExceeded,
+            s if s.is_server_error() => tonic::Code::Internal,
+            _ => tonic::Code::InvalidArgument,
+        };
+        Status::new(code, e.message().to_string())
+    }
+}
