@@ -272,8 +272,15 @@ fn reload_under_load_swaps_versions_without_a_failed_request_and_a_corrupt_file_
     assert!(metrics.contains("footwear_model_reloads_total{result=\"refused\"} 1"), "{metrics}");
 }
 
+/// The token of the TLS test's server.
+const TOKEN: &str = "s3cret-token";
+
 fn curl(args: &[&str]) -> (String, String) {
-    let out = Command::new("curl").args(["-sS", "--max-time", "30"]).args(args).output().expect("curl");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "30", "-H", &format!("Authorization: Bearer {TOKEN}")])
+        .args(args)
+        .output()
+        .expect("curl");
     (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -292,8 +299,10 @@ fn tls_cors_and_base64_json_seen_by_curl() {
         .expect("openssl");
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
-    let server =
-        Server::start(&t.onnx, &["--tls-cert", &cert_s, "--tls-key", &key_s, "--cors-origin", "https://shop.example"]);
+    let server = Server::start(
+        &t.onnx,
+        &["--tls-cert", &cert_s, "--tls-key", &key_s, "--cors-origin", "https://shop.example", "--token", TOKEN],
+    );
     assert!(server.url.starts_with("https://"), "{}", server.url);
     let (photo, class) = test_photos(&t.data, 1)[0].clone();
     let photo_s = photo.display().to_string();
@@ -378,6 +387,30 @@ fn tls_cors_and_base64_json_seen_by_curl() {
     let (headers, _) =
         curl(&["--cacert", &cert_s, "-i", "-H", "Origin: https://shop.example", &format!("{}/v2", server.url)]);
     assert!(headers.to_ascii_lowercase().contains("access-control-allow-origin: https://shop.example"), "{headers}");
+    // gRPC over TLS too, with the token in the metadata (tritonclient).
+    let grpc = server.grpc.clone().expect("a gRPC endpoint");
+    let script = format!(
+        r#"
+import tritonclient.grpc as g
+from tritonclient.utils import InferenceServerException
+c = g.InferenceServerClient("{grpc}", ssl=True, root_certificates="{cert_s}")
+print("live", c.is_server_live())
+try:
+    c.get_model_metadata("{name}")
+    print("no token: answered")
+except InferenceServerException as e:
+    print("no token:", e)
+m = c.get_model_metadata("{name}", headers={{"authorization": "Bearer {TOKEN}"}}, as_json=True)
+print("metadata", m["name"], m["versions"])
+"#,
+        name = model_name(&t.onnx)
+    );
+    let out = Command::new(clients_python()).args(["-c", &script]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("live True"), "{text}");
+    assert!(text.contains("no token:") && text.contains("UNAUTHENTICATED"), "{text}");
+    assert!(text.contains("metadata footwear ['7']"), "{text}");
 }
 
 #[test]
