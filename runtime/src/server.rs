@@ -20,6 +20,7 @@ use inference::OnnxModel;
 use modelspec::preprocess::{self, ImageError, Source};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -324,18 +325,26 @@ const IMAGE_TYPES: &str =
 /// One image of a JSON body: base64, or an object naming it.
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum JsonImage {
-    Base64(String),
-    Named { name: Option<String>, b64: String },
+enum JsonImage<'a> {
+    Base64(#[serde(borrow)] Cow<'a, str>),
+    Named {
+        name: Option<String>,
+        #[serde(borrow)]
+        b64: Cow<'a, str>,
+    },
 }
 
 /// A JSON body of `/v1/predict`: `{"image": "<base64>"}` or `{"images": ["<base64>" | {"name":
 /// "a.jpg", "b64": "<base64>"}, ...]}`; base64 may be a `data:image/...;base64,` URL.
+/// The base64 strings are borrowed from the body where they can be (no escapes), so that a
+/// body is not held twice while it is decoded.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct JsonImages {
-    image: Option<String>,
-    images: Option<Vec<JsonImage>>,
+struct JsonImages<'a> {
+    #[serde(borrow)]
+    image: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    images: Option<Vec<JsonImage<'a>>>,
 }
 
 /// The images of a JSON body, each decoded from base64 (an error names the field).
@@ -347,7 +356,7 @@ fn json_images(body: &[u8], max_images: usize) -> Result<Vec<(String, Bytes)>, A
             format!("JSON body: {e}; send {{\"image\": \"<base64>\"}} or {{\"images\": [...]}}"),
         )
     })?;
-    let list: Vec<(String, String)> = match (req.image, req.images) {
+    let list: Vec<(String, Cow<str>)> = match (req.image, req.images) {
         (Some(one), None) => vec![("image".into(), one)],
         (None, Some(many)) => many
             .into_iter()
@@ -368,8 +377,10 @@ fn json_images(body: &[u8], max_images: usize) -> Result<Vec<(String, Bytes)>, A
     list.into_iter()
         .map(|(name, b64)| {
             let data = match b64.strip_prefix("data:") {
-                Some(url) => url.split_once(";base64,").map_or("", |(_, d)| d),
-                None => b64.as_str(),
+                Some(url) => url.split_once(";base64,").map(|(_, d)| d).ok_or_else(|| {
+                    ApiError::bad_request("bad_base64", format!("{name}: a data: URL without `;base64,`"))
+                })?,
+                None => &b64[..],
             };
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(data.trim())
