@@ -67,28 +67,35 @@ def v1_call():
 
 
 def run(name, make):
-    calls = [make() for _ in range(a.clients)]
-    for c in calls[:2]:
-        c()  # warm: connections, first batches
-    lat, errors, lock = [], [0], threading.Lock()
-    deadline = time.monotonic() + a.seconds
+    # Each thread makes its own client (tritonclient.http's gevent clients stay on the thread
+    # that made them), warms it with one call, then all start together.
+    lat, errors, lock, first_error = [], [0], threading.Lock(), []
+    ready = threading.Barrier(a.clients + 1)
+    deadline = [0.0]
 
-    def worker(call):
-        while time.monotonic() < deadline:
+    def worker():
+        call = make()
+        call()
+        ready.wait()
+        while time.monotonic() < deadline[0]:
             t0 = time.monotonic()
             try:
                 call()
                 dt = time.monotonic() - t0
                 with lock:
                     lat.append(dt)
-            except Exception:
+            except Exception as e:
                 with lock:
                     errors[0] += 1
+                    first_error[:1] = first_error[:1] or [repr(e)[:300]]
 
-    t0 = time.monotonic()
-    threads = [threading.Thread(target=worker, args=(c,)) for c in calls]
+    threads = [threading.Thread(target=worker) for _ in range(a.clients)]
     for t in threads:
         t.start()
+    deadline[0] = time.monotonic() + 3600
+    ready.wait()
+    t0 = time.monotonic()
+    deadline[0] = t0 + a.seconds
     for t in threads:
         t.join()
     wall = time.monotonic() - t0
@@ -96,6 +103,8 @@ def run(name, make):
     q = lambda f: 1e3 * lat[min(len(lat) - 1, int(f * len(lat)))] if lat else float("nan")
     print("%-22s %7.1f req/s  p50 %5.0f ms  p99 %5.0f ms  errors %d  requests %d"
           % (name, len(lat) / wall, q(0.5), q(0.99), errors[0], len(lat)), flush=True)
+    if first_error:
+        print("  first error:", first_error[0], flush=True)
 
 
 run("v2 HTTP, JSON tensors", lambda: http_call(False))
