@@ -168,7 +168,9 @@ impl Default for TrainConfig {
             augment: AugmentConfig::default(),
             head: PhaseConfig { epochs: 30, lr: 1e-3, patience: 6, ..PhaseConfig::default() },
             fine_tune: PhaseConfig {
-                epochs: 5,
+                // Chosen on footwear-15k's validation split: 6 epochs 98.89%, 5 epochs 98.83%
+                // (docs/training.md).
+                epochs: 6,
                 lr: 1e-4,
                 patience: 3,
                 weight_decay: 1e-4,
