@@ -108,7 +108,7 @@ fn triton_clients_over_http_binary_json_and_grpc_label_real_photos() {
 
     // The same probabilities whichever way they travel, and the labels /v1/predict gives.
     let reference = rows(&seen["http_json"]);
-    for k in ["http_binary", "http_default_probabilities", "grpc"] {
+    for k in ["http_binary", "http_default_probabilities", "grpc", "grpc_typed"] {
         let got = rows(&seen[k]);
         assert_eq!(got.len(), files.len(), "{k}");
         for (g, r) in got.iter().zip(&reference) {
@@ -139,11 +139,12 @@ fn triton_clients_over_http_binary_json_and_grpc_label_real_photos() {
     // Statistics: every inference above, counted per image and per batch.
     let st = &seen["grpc_stats"]["model_stats"][0];
     let n = files.len() as u64;
-    // HTTP: 3 good requests of n images, 1 failed before inference; gRPC: 2 good ones.
+    // HTTP: 3 good requests of n images, 1 failed before inference; gRPC: 3 good ones (raw
+    // twice, typed once).
     let count = |v: &Value| v.as_str().map(|s| s.parse::<u64>().unwrap()).or(v.as_u64()).unwrap_or(0);
-    assert_eq!(count(&st["inference_count"]), 5 * n, "{st}");
-    assert_eq!(count(&st["inference_stats"]["success"]["count"]), 5, "{st}");
-    assert!(count(&st["execution_count"]) >= 5, "{st}");
+    assert_eq!(count(&st["inference_count"]), 6 * n, "{st}");
+    assert_eq!(count(&st["inference_stats"]["success"]["count"]), 6, "{st}");
+    assert!(count(&st["execution_count"]) >= 6, "{st}");
     assert!(count(&st["inference_stats"]["compute_infer"]["ns"]) > 0, "{st}");
     let hs = &seen["http_stats"]["model_stats"][0];
     assert_eq!(hs["inference_count"], json!(3 * n), "{hs}");

@@ -81,6 +81,20 @@ try:
     seen["grpc_bad_shape_error"] = None
 except InferenceServerException as e:
     seen["grpc_bad_shape_error"] = str(e)
+# Typed contents (uint_contents) instead of raw bytes, through the client's own generated stubs.
+import grpc as grpclib
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+stub = service_pb2_grpc.GRPCInferenceServiceStub(grpclib.insecure_channel(a.grpc))
+req = service_pb2.ModelInferRequest(model_name=a.model)
+t = req.inputs.add()
+t.name, t.datatype = "image", "UINT8"
+t.shape.extend(x.shape)
+t.contents.uint_contents.extend(x.flatten().tolist())
+resp = stub.ModelInfer(req)
+seen["grpc_typed_outputs"] = [o.name for o in resp.outputs]
+i = seen["grpc_typed_outputs"].index("probabilities")
+seen["grpc_typed"] = np.frombuffer(resp.raw_output_contents[i], dtype="<f4").reshape(a.n, -1).tolist()
 seen["grpc_stats"] = g.get_inference_statistics(a.model, as_json=True)
 seen["grpc_index"] = g.get_model_repository_index(as_json=True)
 
