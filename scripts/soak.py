@@ -169,7 +169,9 @@ def main():
         ("40,000,000 x 1 PNG", png(40_000_000, 1), "image/png", 413),
         ("2 MiB ICC profile", png(8, 8, crc_chunk(b"iCCP", b"p\0\0" + b"\7" * (2 << 20))), "image/png", 413),
         ("ICC bomb", png(8, 8, crc_chunk(b"iCCP", b"p\0\0" + zlib.compress(b"\0" * (256 << 20), 9))), "image/png", 200),
-        ("wrong type", b"{}", "application/json", 415),
+        ("wrong type", b"{}", "text/plain", 415),
+        ("JSON without an image", b"{}", "application/json", 400),
+        ("JSON, bad base64", b'{"image": "not base64!"}', "application/json", 400),
     ]
     deep = ('{"inputs": ' + "[" * 50_000 + "]" * 50_000 + "}").encode()
 
