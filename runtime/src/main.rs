@@ -378,7 +378,14 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("binding {gaddr} (gRPC; --grpc-port, --no-grpc)"))?;
             let local = gl.local_addr()?;
-            let mut builder = tonic::transport::Server::builder().timeout(Duration::from_secs(a.request_timeout_s));
+            // gRPC messages are read whole before a handler runs: at most --max-inflight calls in
+            // the server at once (the rest refused at once, without being read), at most 16
+            // streams per connection, so that many calls cannot each hold a message in memory.
+            let mut builder = tonic::transport::Server::builder()
+                .timeout(Duration::from_secs(a.request_timeout_s))
+                .max_concurrent_streams(16)
+                .layer(tower::load_shed::LoadShedLayer::new())
+                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(a.max_inflight));
             let scheme = if let Some((_, cert, key)) = &tls {
                 let identity = tonic::transport::Identity::from_pem(cert, key);
                 builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
