@@ -82,6 +82,10 @@ pub struct PhaseConfig {
     /// Exponential moving average of the weights, per step (0: off; e.g. 0.998). Validation,
     /// early stopping and the saved model use the averaged weights.
     pub ema: f64,
+    /// Mixup on the phase's inputs (the cached pooled features in phase 1, the cached block maps
+    /// in phase 2: "manifold mixup"): each batch is mixed with a shuffled copy of itself with a
+    /// weight drawn from Beta(mixup, mixup), and the loss mixed alike (0: off; e.g. 0.2).
+    pub mixup: f64,
 }
 
 impl Default for PhaseConfig {
@@ -96,6 +100,7 @@ impl Default for PhaseConfig {
             weight_decay: 0.0,
             momentum: 0.9,
             ema: 0.0,
+            mixup: 0.0,
         }
     }
 }
@@ -241,6 +246,11 @@ impl TrainConfig {
         for (field, pc) in [("head.ema", &self.head), ("fine_tune.ema", &self.fine_tune)] {
             if !(0.0..1.0).contains(&pc.ema) {
                 return bad(field, format!("{} is not in [0, 1)", pc.ema));
+            }
+        }
+        for (field, pc) in [("head.mixup", &self.head), ("fine_tune.mixup", &self.fine_tune)] {
+            if !(pc.mixup >= 0.0 && pc.mixup.is_finite()) {
+                return bad(field, format!("{} is not a Beta parameter >= 0 (0: off)", pc.mixup));
             }
         }
         if self.inner == 0 {

@@ -136,6 +136,9 @@ struct TrainArgs {
     /// Per-step moving average of the weights in phase 2 (0: off, e.g. 0.998).
     #[arg(long)]
     fine_tune_ema: Option<f64>,
+    /// Mixup of the cached block maps in phase 2: the Beta(a, a) parameter (0: off, e.g. 0.2).
+    #[arg(long)]
+    fine_tune_mixup: Option<f64>,
     /// Optimiser of both phases.
     #[arg(long, value_enum)]
     optimizer: Option<OptimizerKind>,
@@ -199,6 +202,7 @@ fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     set!(fine_tune.epochs = a.fine_tune_epochs);
     set!(fine_tune.lr = a.fine_tune_lr);
     set!(fine_tune.ema = a.fine_tune_ema);
+    set!(fine_tune.mixup = a.fine_tune_mixup);
     set!(label_smoothing = a.label_smoothing);
     set!(cache_engine = a.cache_engine);
     set!(feature_cache = a.feature_cache);

@@ -78,19 +78,27 @@ struct Trainable {
 }
 
 impl Trainable {
-    /// Logits of cached items: from pooled features (phase 1) or from cached maps (phase 2).
+    /// Logits of cached items: from pooled features (phase 1) or from cached maps (phase 2),
+    /// the inputs mixed first when `mix` says so.
     fn logits(
         &self,
         phase: Phase,
         cache: &FeatureCache,
         items: &[usize],
         mask: Option<&Tensor>,
+        mix: Option<&Mix>,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let f = if phase == Phase::Head {
-            cache.pooled_batch(items, dev)?
+            let p = cache.pooled_batch(items, dev)?;
+            if let Some(m) = mix {
+                m.inputs(&p)?
+            } else {
+                p
+            }
         } else {
             let m = cache.maps_batch(items, dev)?;
+            let m = if let Some(mx) = mix { mx.inputs(&m)? } else { m };
             global_avg_pool(&self.base.forward_blocks(&m, self.from, NUM_BLOCKS, &mut |_, _| {})?)?
         };
         self.head.forward_masked(&f, mask)
@@ -101,7 +109,7 @@ impl Trainable {
         let items: Vec<usize> = (0..cache.n).collect();
         let (mut loss, mut preds) = (0f64, Vec::with_capacity(items.len()));
         for b in items.chunks(64) {
-            let logits = self.logits(phase, cache, b, None, dev)?.detach();
+            let logits = self.logits(phase, cache, b, None, None, dev)?.detach();
             let labels = cache.labels_batch(b, dev)?;
             loss += candle_nn::loss::cross_entropy(&logits, &labels)?.to_scalar::<f32>()? as f64 * b.len() as f64;
             preds.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
@@ -127,6 +135,34 @@ fn smoothed_cross_entropy(logits: &Tensor, labels: &Tensor, eps: f64) -> candle_
     let nll = logp.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
     let uniform = logp.mean(D::Minus1)?.neg()?;
     ((nll * (1.0 - eps))? + (uniform * eps)?)?.mean_all()
+}
+
+/// Mixup of one batch: each input becomes `lambda` times itself plus `1 - lambda` times the
+/// input at `partner` (a shuffle of the batch), and the loss is mixed the same way.
+struct Mix {
+    partner: Tensor,
+    lambda: f64,
+}
+
+impl Mix {
+    /// Draws the weight from Beta(alpha, alpha) and the partners from `rng`.
+    fn draw(alpha: f64, n: usize, rng: &mut ChaCha8Rng, dev: &Device) -> candle_core::Result<Self> {
+        let beta = rand_distr::Beta::new(alpha, alpha).map_err(|e| candle_core::Error::Msg(format!("mixup: {e}")))?;
+        let lambda = rand_distr::Distribution::sample(&beta, rng);
+        let mut partner: Vec<u32> = (0..n as u32).collect();
+        partner.shuffle(rng);
+        Ok(Self { partner: Tensor::new(partner, dev)?, lambda })
+    }
+
+    fn inputs(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        (x * self.lambda)? + (x.index_select(&self.partner, 0)? * (1.0 - self.lambda))?
+    }
+
+    fn loss(&self, logits: &Tensor, labels: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+        let own = smoothed_cross_entropy(logits, labels, eps)?;
+        let other = smoothed_cross_entropy(logits, &labels.index_select(&self.partner, 0)?, eps)?;
+        (own * self.lambda)? + (other * (1.0 - self.lambda))?
+    }
 }
 
 /// Sets each variable to the tensor of the same position, returning the values it had.
@@ -207,9 +243,13 @@ impl PhaseRunner<'_> {
                 } else {
                     None
                 };
-                let logits = t.logits(phase, train, batch, mask.as_ref(), dev)?;
+                let mix = if pc.mixup > 0.0 { Some(Mix::draw(pc.mixup, batch.len(), &mut rng, dev)?) } else { None };
+                let logits = t.logits(phase, train, batch, mask.as_ref(), mix.as_ref(), dev)?;
                 let labels = train.labels_batch(batch, dev)?;
-                let ce = smoothed_cross_entropy(&logits, &labels, cfg.label_smoothing)?;
+                let ce = match &mix {
+                    Some(m) => m.loss(&logits, &labels, cfg.label_smoothing)?,
+                    None => smoothed_cross_entropy(&logits, &labels, cfg.label_smoothing)?,
+                };
                 let loss = (&ce + (t.l2()? * cfg.l2)?)?;
                 let grads = loss.backward()?;
                 opt.step(&grads, lr)?;
@@ -613,4 +653,48 @@ pub fn train_prepared(
     }
     let _ = std::fs::remove_file(&ckpt_path);
     Ok(Outcome { run_dir: out.clone(), validation, test, seconds })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixup_mixes_inputs_and_losses_with_the_same_partner_and_weight() {
+        let dev = Device::Cpu;
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let m = Mix::draw(0.2, 4, &mut rng, &dev).unwrap();
+        assert!((0.0..=1.0).contains(&m.lambda), "lambda {}", m.lambda);
+        let partner = m.partner.to_vec1::<u32>().unwrap();
+        let mut sorted = partner.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![0, 1, 2, 3], "partners are not a permutation of the batch");
+
+        let x = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.], [7., 8.]], &dev).unwrap();
+        let mixed = m.inputs(&x).unwrap().to_vec2::<f32>().unwrap();
+        let rows = x.to_vec2::<f32>().unwrap();
+        for (i, row) in mixed.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                let want = m.lambda as f32 * rows[i][j] + (1.0 - m.lambda as f32) * rows[partner[i] as usize][j];
+                assert!((v - want).abs() < 1e-5, "row {i} col {j}: {v} vs {want}");
+            }
+        }
+
+        let logits = Tensor::new(&[[2f32, 0., -1.], [0., 1., 0.], [-1., 0., 3.], [1., 1., 1.]], &dev).unwrap();
+        let labels = Tensor::new(&[0u32, 1, 2, 0], &dev).unwrap();
+        let got = m.loss(&logits, &labels, 0.1).unwrap().to_scalar::<f32>().unwrap();
+        let own = smoothed_cross_entropy(&logits, &labels, 0.1).unwrap().to_scalar::<f32>().unwrap();
+        let swapped: Vec<u32> = partner.iter().map(|&p| [0u32, 1, 2, 0][p as usize]).collect();
+        let other = smoothed_cross_entropy(&logits, &Tensor::new(swapped, &dev).unwrap(), 0.1)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let want = m.lambda as f32 * own + (1.0 - m.lambda as f32) * other;
+        assert!((got - want).abs() < 1e-5, "mixed loss {got} vs {want}");
+
+        // Same generator state, same draw: mixup keeps runs reproducible.
+        let again = Mix::draw(0.2, 4, &mut ChaCha8Rng::seed_from_u64(3), &dev).unwrap();
+        assert_eq!(again.lambda, m.lambda);
+        assert_eq!(again.partner.to_vec1::<u32>().unwrap(), partner);
+    }
 }

@@ -48,6 +48,9 @@ fn small_config(data: &Path, out: &Path) -> TrainConfig {
     c.fine_tune.patience = 0;
     // The moving average of the weights is part of the state a resumed run must restore.
     c.fine_tune.ema = 0.99;
+    // So are mixup's draws (pooled features in phase 1, block maps in phase 2).
+    c.head.mixup = 0.2;
+    c.fine_tune.mixup = 0.2;
     c.label_smoothing = 0.1;
     c.batch_size = 8;
     c
