@@ -10,6 +10,8 @@
 #   scripts/bench-int8.sh RUN_DIR FOLDER [VENV]
 #   (RUN_DIR holds model.onnx and model.int8.onnx from the exporter; FOLDER: labelled photos,
 #   e.g. the validation split while choosing, the test split for the final figure)
+#   As on a CPU without VNNI: scripts/cpu-without-vnni/run.sh scripts/bench-int8.sh RUN_DIR FOLDER
+#   (build first: the shim hides AVX-512 from every process, cargo's too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run=$1

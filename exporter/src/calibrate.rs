@@ -64,6 +64,8 @@ pub struct Calibration {
     pub source: String,
     /// Activations calibrated.
     pub activations: usize,
+    /// Range of the int8 weights (7: −63..63, runs correctly on every x86 CPU; 8: VNNI only).
+    pub weight_bits: u8,
 }
 
 /// `count` photos of `split/<class>/`, `count / classes` per class (the first classes one more

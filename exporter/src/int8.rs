@@ -33,6 +33,10 @@ pub struct Int8Options {
     pub calibration: CalibrationOptions,
     /// Layers that keep float weights (`block1_conv1`, `block14_sepconv2`, `head_logits`, ...).
     pub keep_float: Vec<String>,
+    /// Range of the int8 weights: 7 bits (−63..63, the default) run correctly on every x86 CPU;
+    /// 8 bits only on CPUs with VNNI (elsewhere ONNX Runtime's kernels saturate; see
+    /// `onnxgraph::quant`).
+    pub weight_bits: u8,
     /// Labelled folder of the verification (`<class>/...`); default: the run's test split.
     pub verify_on: Option<PathBuf>,
     /// Least share of photos whose top class must equal the float file's.
@@ -46,6 +50,7 @@ impl Default for Int8Options {
         Self {
             calibration: CalibrationOptions::default(),
             keep_float: vec![],
+            weight_bits: onnxgraph::PORTABLE_WEIGHT_BITS,
             verify_on: None,
             min_agreement: 0.995,
             max_accuracy_drop: 0.003,
@@ -133,6 +138,13 @@ pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Export
     let weights = load_weights(&dir)?;
     drop(dir);
 
+    if q.weight_bits > onnxgraph::PORTABLE_WEIGHT_BITS {
+        tracing::warn!(
+            "{}-bit int8 weights: this file runs correctly only on CPUs with VNNI (AVX512-VNNI, \
+             AVX-VNNI); elsewhere the runtime refuses it",
+            q.weight_bits
+        );
+    }
     let (photos, source) = calibrate::photos(&q.calibration, &desc)?;
     let t = std::time::Instant::now();
     let (ranges, used) = calibrate::calibrate(&o.run_dir, &photos, &q.calibration)?;
@@ -148,6 +160,7 @@ pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Export
         seed: q.calibration.seed,
         source,
         activations: ranges.len(),
+        weight_bits: q.weight_bits,
     };
     let toolchain = format!("{PRODUCER} {} (opset {})", env!("CARGO_PKG_VERSION"), graph::OPSET);
     let mut props = onnx_meta::properties(&desc, o.input_type, o.model_version, &toolchain);
@@ -164,6 +177,7 @@ pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Export
         (PRODUCER, env!("CARGO_PKG_VERSION")),
         &ranges,
         &keep,
+        q.weight_bits,
     )?;
     let bytes = model.encode_to_vec();
     let tmp = crate::write_beside(&o.out, &bytes)?;

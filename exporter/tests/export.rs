@@ -247,6 +247,7 @@ fn int8_files(run: &Path, root: &Path, float: &exporter::Exported) {
     assert_eq!(m.info.precision, modelspec::onnx_meta::Precision::Int8);
     let c = m.info.calibration.as_ref().unwrap();
     assert_eq!((c["method"].as_str(), c["photos"].as_u64()), (Some("minmax"), Some(12)));
+    assert_eq!((m.info.int8_weight_bits(), c["weight_bits"].as_u64()), (Some(7), Some(7)));
     drop(m);
 
     // A layer kept float stays a float convolution in ONNX Runtime's graph.

@@ -85,6 +85,20 @@ impl std::fmt::Display for ExecutionProvider {
     }
 }
 
+/// Whether ONNX Runtime's uint8 × int8 kernels have VNNI here (x86: AVX512-VNNI or AVX-VNNI,
+/// which add products in 32 bits). Without it they add pairs in 16 bits, which only 7-bit
+/// weights keep from saturating. Other architectures do not have this problem.
+pub fn cpu_has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512vnni") || std::arch::is_x86_feature_detected!("avxvnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        true
+    }
+}
+
 /// A model ready to run.
 pub struct OnnxModel {
     session: Session,
@@ -163,6 +177,16 @@ impl OnnxModel {
         drop(meta);
         let model = Self { session, info, path: path.into(), provider };
         model.check_graph()?;
+        if provider == ExecutionProvider::Cpu && model.info.int8_weight_bits() == Some(8) && !cpu_has_vnni() {
+            return Err(SessionError::Graph {
+                path: path.into(),
+                reason: "an int8 file with 8-bit weights, on a CPU without VNNI (AVX512-VNNI or AVX-VNNI): \
+                    ONNX Runtime's integer kernels saturate there and give wrong classes (39% accuracy \
+                    instead of 99% measured on the footwear model); export it again with the exporter's \
+                    default `--weight-bits 7`, which runs correctly on every CPU"
+                    .into(),
+            });
+        }
         Ok(model)
     }
 

@@ -94,6 +94,15 @@ pub struct OnnxInfo {
     pub test_time_augmentation: Option<String>,
 }
 
+impl OnnxInfo {
+    /// Bits of an int8 file's weights (its calibration's `weight_bits`; files written before
+    /// that field used the full 8), `None` for float files.
+    pub fn int8_weight_bits(&self) -> Option<u8> {
+        (self.precision == Precision::Int8)
+            .then(|| self.calibration.as_ref().and_then(|c| c["weight_bits"].as_u64()).map_or(8, |b| b.min(8) as u8))
+    }
+}
+
 /// A missing or malformed metadata property.
 #[derive(Debug, thiserror::Error)]
 #[error("ONNX metadata property `{key}`: {reason}")]
@@ -268,13 +277,18 @@ mod tests {
         assert_eq!(info.model_version, 3);
         assert_eq!(info.input_type, InputType::Uint8);
         assert!(info.preprocessing.scaling_in_graph);
-        assert_eq!((info.precision, info.calibration), (Precision::Float32, None));
+        assert_eq!((info.precision, info.calibration.clone()), (Precision::Float32, None));
+        assert_eq!(info.int8_weight_bits(), None);
         let mut int8 = props.clone();
         int8.insert(PRECISION.into(), "int8".into());
         int8.insert(CALIBRATION.into(), r#"{"method":"percentile"}"#.into());
         let info = parse(|k| int8.get(k).cloned()).unwrap();
         assert_eq!(info.precision, Precision::Int8);
+        // Files from before `weight_bits` have full-range (8-bit) weights.
+        assert_eq!(info.int8_weight_bits(), Some(8));
         assert_eq!(info.calibration.unwrap()["method"], "percentile");
+        int8.insert(CALIBRATION.into(), r#"{"method":"minmax","weight_bits":7}"#.into());
+        assert_eq!(parse(|k| int8.get(k).cloned()).unwrap().int8_weight_bits(), Some(7));
         int8.insert(PRECISION.into(), "int4".into());
         let e = parse(|k| int8.get(k).cloned()).unwrap_err();
         assert_eq!(e.key, PRECISION);

@@ -24,7 +24,7 @@ use models::head::{DENSE, LOGITS};
 use models::layers::{self, ConvSpec, Padding, Relu, Residual, SepConvSpec, BN_EPSILON, FEATURES};
 use modelspec::onnx_meta::{self, InputType, FEATURES_NAME, INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME};
 use modelspec::ModelDescription;
-pub use quant::{build_int8, Int8Summary, TapRanges};
+pub use quant::{build_int8, Int8Summary, TapRanges, PORTABLE_WEIGHT_BITS};
 use std::collections::HashMap;
 
 pub mod quant;

@@ -3,7 +3,13 @@
 //!
 //! - Weights of every `Conv` and `Gemm`: int8, symmetric, one scale per output channel
 //!   (`DequantizeLinear` with `axis = 0`); biases int32 with scale `s_input · s_weight[c]`, as
-//!   ONNX Runtime's fused kernels take them.
+//!   ONNX Runtime's fused kernels take them. By default the weights use 7 bits (−63..63): on x86
+//!   CPUs without VNNI, ONNX Runtime's uint8 × int8 matrix kernels add pairs of products in 16
+//!   bits (`vpmaddubsw`), which saturate with full-range weights (255 · 127 · 2 > 32,767) and
+//!   wreck the results (39% accuracy measured on the footwear model, docs/benchmarks.md); 8 bits
+//!   (−127..127) are for files that only ever run on CPUs with VNNI. (Its depthwise kernels
+//!   widen to 16 bits first and could keep 8 bits; measured on validation, 8-bit depthwise
+//!   weights were no better: 98.56% against 98.61% for 7 bits everywhere.)
 //! - Activations: uint8, asymmetric, one scale per tensor, from value ranges calibrated on
 //!   photos (by the caller, through the Candle network's taps): a `QuantizeLinear` →
 //!   `DequantizeLinear` pair after every activation that a quantized operator reads or writes.
@@ -23,6 +29,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Largest |bias| stored, in units of its scale (int32, with a margin).
 const BIAS_LIMIT: f32 = (1u32 << 30) as f32;
+
+/// Bits of the int8 weights that run correctly on every x86 CPU (see the module's doc).
+pub const PORTABLE_WEIGHT_BITS: u8 = 7;
 
 /// Tap name of the pooled features (the head's input), which the Candle base has no tap for.
 pub const POOLED_TAP: &str = "avg_pool";
@@ -78,7 +87,8 @@ impl QParams {
 
 /// The int8 QDQ model of `desc`; `ranges` gives the calibrated range of every tap the graph
 /// needs, `keep_float` the layers (a convolution's or dense layer's name, e.g. `block1_conv1`,
-/// `block14_sepconv2`, `head_logits`) that keep float weights.
+/// `block14_sepconv2`, `head_logits`) that keep float weights, `weight_bits` (7 or 8) the range
+/// of the int8 weights.
 #[allow(clippy::too_many_arguments)]
 pub fn build_int8(
     desc: &ModelDescription,
@@ -89,7 +99,12 @@ pub fn build_int8(
     producer: (&str, &str),
     ranges: &TapRanges,
     keep_float: &HashSet<String>,
+    weight_bits: u8,
 ) -> Result<(ModelProto, Int8Summary), GraphError> {
+    if !(2..=8).contains(&weight_bits) {
+        return Err(GraphError(format!("int8 weights: {weight_bits} bits is not within 2..=8")));
+    }
+    let qmax = ((1u32 << (weight_bits - 1)) - 1) as f32;
     let (mut model, sources) =
         build_with_ranges(desc, w, OnnxPrecision::F32, input_type, props, model_version, producer)?;
     // Every activation's range, in graph order (a ReLU's or a pool's refers to an earlier one).
@@ -166,10 +181,10 @@ pub fn build_int8(
                 // large bias widens its weight scale until the bias fits (as onnxruntime's own
                 // quantizer does).
                 let for_bias = bias.as_ref().map_or(0.0, |b| b[c].abs() / (s_x * BIAS_LIMIT));
-                let s = (m / 127.0).max(for_bias);
+                let s = (m / qmax).max(for_bias);
                 let s = if s > 0.0 { s } else { 1.0 };
                 scales.push(s);
-                q.extend(v.iter().map(|x| (x / s).round().clamp(-127.0, 127.0) as i8 as u8));
+                q.extend(v.iter().map(|x| (x / s).round().clamp(-qmax, qmax) as i8 as u8));
             }
             let dims_u: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
             let wq = format!("{wname}/int8");

@@ -442,6 +442,7 @@ fn info(m: &ModelArgs) -> anyhow::Result<ExitCode> {
         "toolchain": i.toolchain,
         "precision": i.precision,
         "calibration": i.calibration,
+        "int8_weight_bits": i.int8_weight_bits(),
         "test_time_augmentation": i.test_time_augmentation,
         "execution_provider": model.provider,
     });
