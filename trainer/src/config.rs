@@ -84,7 +84,8 @@ pub struct PhaseConfig {
     pub ema: f64,
     /// Mixup on the phase's inputs (the cached pooled features in phase 1, the cached block maps
     /// in phase 2: "manifold mixup"): each batch is mixed with a shuffled copy of itself with a
-    /// weight drawn from Beta(mixup, mixup), and the loss mixed alike (0: off; e.g. 0.2).
+    /// weight drawn from Beta(mixup, mixup), and the loss mixed alike (0: off; e.g. 0.2). The
+    /// training accuracy logged is then against each item's own label, so it reads low.
     pub mixup: f64,
 }
 
