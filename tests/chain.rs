@@ -629,20 +629,7 @@ fn int8_files_run_right_on_a_cpu_without_vnni() {
     let t = trained();
     let dir = t.dir.join("int8");
     std::fs::create_dir_all(&dir).unwrap();
-    let options = |out: &Path| exporter::ExportOptions {
-        run_dir: t.dir.join("run"),
-        out: out.to_path_buf(),
-        precision: exporter::graph::OnnxPrecision::F32,
-        input_type: modelspec::onnx_meta::InputType::Uint8,
-        model_version: 1,
-        verify: true,
-        samples: vec![],
-        max_samples: 3,
-        candle_onnx: false,
-        tolerance: 1e-4,
-        flip_average: false,
-        ort: inference::SessionConfig { threads: 2, ort_lib: Some(ort_lib()), ..Default::default() },
-    };
+    let options = |out: &Path| e2e::export_options(&t.dir.join("run"), out, 1, false);
     let q = Int8Options {
         calibration: exporter::calibrate::CalibrationOptions { count: 30, ..Default::default() },
         // 90 test photos through a small head-only model: int8 rounding flips a few borderline

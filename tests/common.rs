@@ -65,7 +65,12 @@ pub fn trained() -> &'static Trained {
 
 /// Exports (and verifies) a trained run as `out`, with `model_version` in its metadata.
 pub fn export(run_dir: &Path, out: &Path, model_version: i64, flip_average: bool) {
-    let o = exporter::ExportOptions {
+    exporter::export(&export_options(run_dir, out, model_version, flip_average)).expect("exporting the small model");
+}
+
+/// How the tests export: float32, uint8 input, verified through ONNX Runtime on 3 samples.
+pub fn export_options(run_dir: &Path, out: &Path, model_version: i64, flip_average: bool) -> exporter::ExportOptions {
+    exporter::ExportOptions {
         run_dir: run_dir.to_path_buf(),
         out: out.to_path_buf(),
         precision: exporter::graph::OnnxPrecision::F32,
@@ -78,8 +83,7 @@ pub fn export(run_dir: &Path, out: &Path, model_version: i64, flip_average: bool
         tolerance: 1e-4,
         flip_average,
         ort: inference::SessionConfig { threads: 2, ort_lib: Some(ort_lib()), ..Default::default() },
-    };
-    exporter::export(&o).expect("exporting the small model");
+    }
 }
 
 /// A running `footwear serve`, stopped with SIGTERM on drop.
