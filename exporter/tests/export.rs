@@ -200,6 +200,7 @@ fn small_trained_model_exports_with_the_trainers_accuracy_and_a_triton_layout() 
     let evflip = evaluate(&outflip, &data.join("test"), &ort());
     let o = trainer::eval::EvalOptions {
         run_dir: cfg.out.clone(),
+        with: vec![],
         folders: vec![data.join("test")],
         only: None,
         engine: trainer::config::CacheEngine::Candle,

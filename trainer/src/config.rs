@@ -123,6 +123,10 @@ pub struct TrainConfig {
     /// Float type of the blocks' computation (`bf16`: mixed precision, for `--device cuda`).
     pub precision: ComputePrecision,
     pub seed: u64,
+    /// Which member of an ensemble this run is: phase 2's data order, dropout masks and first
+    /// cached variant depend on it; the feature caches and phase 1 do not, so members of one
+    /// seed share them (0: the plain run).
+    pub member: u64,
     /// Width of the head's hidden layer.
     pub inner: usize,
     pub dropout: f64,
@@ -166,6 +170,7 @@ impl Default for TrainConfig {
             batch_size: 32,
             precision: ComputePrecision::F32,
             seed: 42,
+            member: 0,
             inner: 100,
             dropout: 0.2,
             l2: 1e-4,

@@ -19,6 +19,9 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
     pub run_dir: PathBuf,
+    /// Further runs of the same classes, input size and preprocessing: the prediction is then
+    /// the average of every run's probabilities (an ensemble).
+    pub with: Vec<PathBuf>,
     pub folders: Vec<PathBuf>,
     /// Only files whose name (not the folder) matches.
     pub only: Option<regex::Regex>,
@@ -42,6 +45,8 @@ pub struct FolderReport {
     pub engine: String,
     /// Whether each photo's prediction averaged it with its mirror image.
     pub flip: bool,
+    /// The runs whose probabilities were averaged (more than one: an ensemble).
+    pub runs: Vec<PathBuf>,
     pub report: Report,
     /// The files predicted wrong: (path, true class, predicted class).
     pub errors: Vec<(PathBuf, String, String)>,
@@ -86,7 +91,7 @@ enum Net {
 }
 
 impl Net {
-    fn load(o: &EvalOptions, dir: &ModelDir) -> anyhow::Result<(Self, String)> {
+    fn load(o: &EvalOptions, run_dir: &Path, dir: &ModelDir) -> anyhow::Result<(Self, String)> {
         let ort = || -> anyhow::Result<Net> {
             let desc = &dir.description;
             let weights: onnxgraph::Weights = dir
@@ -107,10 +112,10 @@ impl Net {
             )?;
             let bytes = prost::Message::encode_to_vec(&model);
             let cfg = inference::SessionConfig { ort_lib: o.ort_lib.clone(), ..Default::default() };
-            Ok(Net::Ort(Box::new(inference::OnnxModel::from_bytes(&bytes, &o.run_dir.join("<in memory>"), &cfg)?)))
+            Ok(Net::Ort(Box::new(inference::OnnxModel::from_bytes(&bytes, &run_dir.join("<in memory>"), &cfg)?)))
         };
         let candle = || -> anyhow::Result<(Net, String)> {
-            let (c, _) = Classifier::load(&o.run_dir, &Device::Cpu)?;
+            let (c, _) = Classifier::load(run_dir, &Device::Cpu)?;
             Ok((Net::Candle(Box::new(c)), "candle".into()))
         };
         let ort_name = format!("onnxruntime {}", inference::ortlib::ORT_VERSION);
@@ -140,36 +145,60 @@ impl Net {
         }
     }
 
-    /// Predicted classes of `n` resized images; with `flip`, from the probabilities averaged
-    /// with those of the mirrored images.
-    fn predict(&mut self, pixels: Vec<u8>, n: usize, desc: &ModelDescription, flip: bool) -> anyhow::Result<Vec<u32>> {
-        let mut p = self.probabilities(pixels.clone(), n, desc)?;
+    /// Class probabilities of `n` resized images; with `flip`, averaged with those of the
+    /// mirrored images.
+    fn averaged(&mut self, pixels: &[u8], n: usize, desc: &ModelDescription, flip: bool) -> anyhow::Result<Vec<Vec<f32>>> {
+        let mut p = self.probabilities(pixels.to_vec(), n, desc)?;
         if flip {
-            let q = self.probabilities(modelspec::preprocess::mirror_rgb(&pixels, desc.input_size), n, desc)?;
-            for (a, b) in p.iter_mut().zip(q) {
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x = (*x + y) / 2.0;
-                }
-            }
+            let q = self.probabilities(modelspec::preprocess::mirror_rgb(pixels, desc.input_size), n, desc)?;
+            add_into(&mut p, &q, 0.5);
         }
-        Ok(p.iter()
-            .map(|r| {
-                r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(i, _)| i as u32)
-            })
-            .collect())
+        Ok(p)
     }
 }
 
-/// Evaluates the run on every folder.
-pub fn evaluate(o: &EvalOptions) -> anyhow::Result<Vec<FolderReport>> {
-    let dir = ModelDir::load(&o.run_dir, &Device::Cpu)
-        .with_context(|| format!("reading the model directory {}", o.run_dir.display()))?;
-    let desc = dir.description.clone();
-    if desc.head.is_none() {
-        bail!("{}: a model without a classifier head has no classes to evaluate", o.run_dir.display());
+/// `p = w * (p + q)` row by row (`w` = 0.5: the mean of two).
+fn add_into(p: &mut [Vec<f32>], q: &[Vec<f32>], w: f32) {
+    for (a, b) in p.iter_mut().zip(q) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x = (*x + y) * w;
+        }
     }
-    let (mut net, engine) = Net::load(o, &dir)?;
-    drop(dir);
+}
+
+/// The most probable class of each row (the lower index on a tie).
+fn argmax_rows(p: &[Vec<f32>]) -> Vec<u32> {
+    p.iter()
+        .map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(i, _)| i as u32))
+        .collect()
+}
+
+/// Evaluates the run (or the ensemble of `run_dir` and `with`) on every folder.
+pub fn evaluate(o: &EvalOptions) -> anyhow::Result<Vec<FolderReport>> {
+    let runs: Vec<PathBuf> = std::iter::once(o.run_dir.clone()).chain(o.with.iter().cloned()).collect();
+    let (mut nets, mut desc, mut engine) = (Vec::new(), None::<ModelDescription>, String::new());
+    for run in &runs {
+        let dir = ModelDir::load(run, &Device::Cpu)
+            .with_context(|| format!("reading the model directory {}", run.display()))?;
+        let d = dir.description.clone();
+        if d.head.is_none() {
+            bail!("{}: a model without a classifier head has no classes to evaluate", run.display());
+        }
+        if let Some(first) = &desc {
+            if (&d.classes, d.input_size, &d.preprocessing) != (&first.classes, first.input_size, &first.preprocessing) {
+                bail!(
+                    "{}: its classes, input size or preprocessing differ from {}'s: not one ensemble",
+                    run.display(),
+                    o.run_dir.display()
+                );
+            }
+        }
+        let (net, e) = Net::load(o, run, &dir)?;
+        nets.push(net);
+        engine = e;
+        desc.get_or_insert(d);
+    }
+    let desc = desc.expect("at least the first run");
     let mut reports = Vec::new();
     for folder in &o.folders {
         let files = labelled_files(folder, &desc.classes, o.only.as_ref())?;
@@ -180,7 +209,18 @@ pub fn evaluate(o: &EvalOptions) -> anyhow::Result<Vec<FolderReport>> {
             let d = decode_batch(&sources, desc.input_size as u32, &desc.preprocessing, &DecodeLimits::default());
             unreadable.extend(d.failed.iter().map(|(i, e)| format!("{}: {e}", chunk[*i].0.display())));
             if !d.decoded.is_empty() {
-                pred.extend(net.predict(d.pixels, d.decoded.len(), &desc, o.flip)?);
+                let n = d.decoded.len();
+                let mut p = nets[0].averaged(&d.pixels, n, &desc, o.flip)?;
+                for (k, net) in nets.iter_mut().enumerate().skip(1) {
+                    // The running mean of the first k + 1 members.
+                    let q = net.averaged(&d.pixels, n, &desc, o.flip)?;
+                    for (a, b) in p.iter_mut().zip(&q) {
+                        for (x, y) in a.iter_mut().zip(b) {
+                            *x += (y - *x) / (k + 1) as f32;
+                        }
+                    }
+                }
+                pred.extend(argmax_rows(&p));
                 for &i in &d.decoded {
                     truth.push(chunk[i].1);
                     paths.push(chunk[i].0.clone());
@@ -203,6 +243,7 @@ pub fn evaluate(o: &EvalOptions) -> anyhow::Result<Vec<FolderReport>> {
             unreadable,
             engine: engine.clone(),
             flip: o.flip,
+            runs: runs.clone(),
             report,
             errors,
         });

@@ -14,5 +14,6 @@ pub mod metrics;
 pub mod optim;
 pub mod plots;
 pub mod progress;
+pub mod soup;
 pub mod sweep;
 pub mod train;

@@ -29,6 +29,16 @@ enum Cmd {
     Sweep(SweepArgs),
     /// Metrics and confusion matrix of a trained run on labelled folders (FOLDER/<class>/...).
     Eval(EvalArgs),
+    /// Average the weights of runs fine-tuned from one start (members of one seed) into one
+    /// run directory, a "model soup".
+    Soup {
+        /// The run directories.
+        #[arg(required = true, num_args = 2..)]
+        runs: Vec<PathBuf>,
+        /// The run directory to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the default configuration as TOML.
     DefaultConfig,
 }
@@ -37,6 +47,10 @@ enum Cmd {
 struct EvalArgs {
     /// The run directory (model.json + model.safetensors).
     run_dir: PathBuf,
+    /// Another run to average with (repeatable): the prediction is the mean of the runs'
+    /// probabilities, an ensemble.
+    #[arg(long = "with", value_name = "RUN_DIR")]
+    with: Vec<PathBuf>,
     /// Labelled folders, one sub-folder per class.
     #[arg(required = true)]
     folders: Vec<PathBuf>,
@@ -104,6 +118,10 @@ struct TrainArgs {
     batch_size: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
+    /// Member of an ensemble (0: the plain run): changes phase 2's data order, dropout and first
+    /// cached variant, not the caches or phase 1.
+    #[arg(long)]
+    member: Option<u64>,
     /// Width of the head's hidden layer.
     #[arg(long)]
     inner: Option<usize>,
@@ -193,6 +211,7 @@ fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     set!(batch_size = a.batch_size);
     set!(precision = a.precision);
     set!(seed = a.seed);
+    set!(member = a.member);
     set!(inner = a.inner);
     set!(dropout = a.dropout);
     set!(fine_tune_from = a.fine_tune_from);
@@ -256,6 +275,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Eval(a) => {
             let o = trainer::eval::EvalOptions {
                 run_dir: a.run_dir,
+                with: a.with,
                 folders: a.folders,
                 only: a.only,
                 engine: a.engine,
@@ -268,6 +288,9 @@ fn main() -> anyhow::Result<()> {
                 let mut only = r.only.as_ref().map(|p| format!(", files matching `{p}`")).unwrap_or_default();
                 if r.flip {
                     only += ", flip-averaged";
+                }
+                if r.runs.len() > 1 {
+                    only += &format!(", ensemble of {} runs", r.runs.len());
                 }
                 println!("{}{only} ({}):\n{}", r.folder.display(), r.engine, r.report.table());
                 for u in &r.unreadable {
@@ -283,6 +306,10 @@ fn main() -> anyhow::Result<()> {
                 std::fs::write(p, serde_json::to_string_pretty(&reports)?)
                     .with_context(|| format!("writing {}", p.display()))?;
             }
+        }
+        Cmd::Soup { runs, out } => {
+            trainer::soup::soup(&runs, &out)?;
+            println!("{}: the mean of {} runs' weights", out.display(), runs.len());
         }
         Cmd::DefaultConfig => print!("{}", TrainConfig::default().to_toml()),
         Cmd::Sweep(a) => {

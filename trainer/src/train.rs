@@ -226,9 +226,13 @@ impl PhaseRunner<'_> {
             }
             let start = Instant::now();
             let lr = learning_rate(pc, epoch, state.lr_factor);
-            let mut rng =
-                ChaCha8Rng::seed_from_u64(cfg.seed ^ (u64::from(phase.number()) << 40) ^ (epoch as u64) << 20);
-            let v = epoch % train.variants;
+            // Members of an ensemble share phase 1 and differ from phase 2 on (member 0 is the
+            // plain run, drawn as before members existed).
+            let member = if phase == Phase::FineTune { cfg.member } else { 0 };
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                cfg.seed ^ (u64::from(phase.number()) << 40) ^ (epoch as u64) << 20 ^ member << 52,
+            );
+            let v = (epoch + member as usize) % train.variants;
             let mut items: Vec<usize> = (0..train.n).map(|i| v * train.n + i).collect();
             items.shuffle(&mut rng);
             let pb = Progress::new(items.len(), &format!("phase {phase} epoch {}", epoch + 1));

@@ -3,6 +3,7 @@
 //! against the plain forward pass of the saved model.
 
 use candle_core::{Device, ModuleT, Tensor};
+use models::weights::ModelDir;
 use models::Classifier;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -166,6 +167,7 @@ fn cached_path_equals_direct_forward() {
     for engine in [trainer::config::CacheEngine::Onnxruntime, trainer::config::CacheEngine::Candle] {
         let o = trainer::eval::EvalOptions {
             run_dir: out.clone(),
+            with: vec![],
             folders: vec![data.join("test")],
             only: None,
             engine,
@@ -194,8 +196,52 @@ fn cached_path_equals_direct_forward() {
         assert!(e.contains("no images whose name matches `^nothing`"), "{e}");
     }
     assert_eq!(flipped[0], flipped[1], "flip-averaged predictions of ONNX Runtime and Candle");
-    std::fs::remove_dir_all(out).unwrap();
-    std::fs::remove_dir_all(data).unwrap();
+
+    // A second member of the same seed: the same caches and phase 1, another phase 2.
+    let cache_files = || std::fs::read_dir(&cfg.feature_cache).unwrap().count();
+    let files = cache_files();
+    let m1 = tmp("cached-member-1");
+    trainer::train::run(&TrainConfig { member: 1, out: m1.clone(), ..cfg.clone() }, false, &Device::Cpu).unwrap();
+    assert_eq!(cache_files(), files, "a member recomputed the feature caches");
+    let (d0, d1) = (ModelDir::load(&out, &Device::Cpu).unwrap(), ModelDir::load(&m1, &Device::Cpu).unwrap());
+    let t = |d: &ModelDir, k: &str| d.tensors[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let top = "block14_sepconv2.pointwise";
+    assert_ne!(t(&d0, top), t(&d1, top), "member 1 trained as member 0 did");
+    // Blocks 1-13 are frozen: the members share them.
+    assert_eq!(t(&d0, "block13_sepconv2.pointwise"), t(&d1, "block13_sepconv2.pointwise"));
+
+    // Their soup: the mean of the weights, a run directory the evaluation reads.
+    let soup = tmp("cached-soup");
+    trainer::soup::soup(&[out.clone(), m1.clone()], &soup).unwrap();
+    let ds = ModelDir::load(&soup, &Device::Cpu).unwrap();
+    for ((a, b), m) in t(&d0, top).iter().zip(t(&d1, top)).zip(t(&ds, top)) {
+        assert!((m - (a + b) / 2.0).abs() <= 1e-6 * (1.0 + m.abs()), "soup {m} of {a} and {b}");
+    }
+    let e = trainer::soup::soup(&[out.clone(), base()], &tmp("no-soup")).unwrap_err();
+    assert!(format!("{e:#}").contains("another architecture, input size, head or classes"), "{e:#}");
+
+    // An ensemble: a run with itself predicts as the run alone; with member 1, every photo is
+    // still counted, and a model of other classes is refused.
+    let o = trainer::eval::EvalOptions {
+        run_dir: out.clone(),
+        with: vec![],
+        folders: vec![data.join("test")],
+        only: None,
+        engine: trainer::config::CacheEngine::Onnxruntime,
+        ort_lib: Some(ort_lib()),
+        batch: 5,
+        flip: false,
+    };
+    let alone = &trainer::eval::evaluate(&o).unwrap()[0];
+    let twice = &trainer::eval::evaluate(&trainer::eval::EvalOptions { with: vec![out.clone()], ..o.clone() }).unwrap()[0];
+    assert_eq!((twice.runs.len(), &twice.report.confusion), (2, &alone.report.confusion));
+    let both = &trainer::eval::evaluate(&trainer::eval::EvalOptions { with: vec![m1.clone()], ..o.clone() }).unwrap()[0];
+    assert_eq!(both.report.count, 12);
+    let e = trainer::eval::evaluate(&trainer::eval::EvalOptions { with: vec![base()], ..o }).unwrap_err();
+    assert!(format!("{e:#}").contains("without a classifier head"), "{e:#}");
+    for d in [out, m1, soup, data] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
 }
 
 /// bf16 mixed precision (`--precision bf16`, meant for `--device cuda`; here on the CPU through
