@@ -147,7 +147,13 @@ impl Net {
 
     /// Class probabilities of `n` resized images; with `flip`, averaged with those of the
     /// mirrored images.
-    fn averaged(&mut self, pixels: &[u8], n: usize, desc: &ModelDescription, flip: bool) -> anyhow::Result<Vec<Vec<f32>>> {
+    fn averaged(
+        &mut self,
+        pixels: &[u8],
+        n: usize,
+        desc: &ModelDescription,
+        flip: bool,
+    ) -> anyhow::Result<Vec<Vec<f32>>> {
         let mut p = self.probabilities(pixels.to_vec(), n, desc)?;
         if flip {
             let q = self.probabilities(modelspec::preprocess::mirror_rgb(pixels, desc.input_size), n, desc)?;
@@ -169,7 +175,9 @@ fn add_into(p: &mut [Vec<f32>], q: &[Vec<f32>], w: f32) {
 /// The most probable class of each row (the lower index on a tie).
 fn argmax_rows(p: &[Vec<f32>]) -> Vec<u32> {
     p.iter()
-        .map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(i, _)| i as u32))
+        .map(|r| {
+            r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(i, _)| i as u32)
+        })
         .collect()
 }
 
@@ -185,7 +193,8 @@ pub fn evaluate(o: &EvalOptions) -> anyhow::Result<Vec<FolderReport>> {
             bail!("{}: a model without a classifier head has no classes to evaluate", run.display());
         }
         if let Some(first) = &desc {
-            if (&d.classes, d.input_size, &d.preprocessing) != (&first.classes, first.input_size, &first.preprocessing) {
+            if (&d.classes, d.input_size, &d.preprocessing) != (&first.classes, first.input_size, &first.preprocessing)
+            {
                 bail!(
                     "{}: its classes, input size or preprocessing differ from {}'s: not one ensemble",
                     run.display(),

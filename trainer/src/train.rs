@@ -230,9 +230,12 @@ impl PhaseRunner<'_> {
             // plain run, drawn as before members existed).
             let member = if phase == Phase::FineTune { cfg.member } else { 0 };
             let mut rng = ChaCha8Rng::seed_from_u64(
-                cfg.seed ^ (u64::from(phase.number()) << 40) ^ (epoch as u64) << 20 ^ member << 52,
+                cfg.seed
+                    ^ (u64::from(phase.number()) << 40)
+                    ^ (epoch as u64) << 20
+                    ^ member.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             );
-            let v = (epoch + member as usize) % train.variants;
+            let v = (epoch + (member % train.variants as u64) as usize) % train.variants;
             let mut items: Vec<usize> = (0..train.n).map(|i| v * train.n + i).collect();
             items.shuffle(&mut rng);
             let pb = Progress::new(items.len(), &format!("phase {phase} epoch {}", epoch + 1));

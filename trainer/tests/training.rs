@@ -233,9 +233,11 @@ fn cached_path_equals_direct_forward() {
         flip: false,
     };
     let alone = &trainer::eval::evaluate(&o).unwrap()[0];
-    let twice = &trainer::eval::evaluate(&trainer::eval::EvalOptions { with: vec![out.clone()], ..o.clone() }).unwrap()[0];
+    let twice =
+        &trainer::eval::evaluate(&trainer::eval::EvalOptions { with: vec![out.clone()], ..o.clone() }).unwrap()[0];
     assert_eq!((twice.runs.len(), &twice.report.confusion), (2, &alone.report.confusion));
-    let both = &trainer::eval::evaluate(&trainer::eval::EvalOptions { with: vec![m1.clone()], ..o.clone() }).unwrap()[0];
+    let both =
+        &trainer::eval::evaluate(&trainer::eval::EvalOptions { with: vec![m1.clone()], ..o.clone() }).unwrap()[0];
     assert_eq!(both.report.count, 12);
     let e = trainer::eval::evaluate(&trainer::eval::EvalOptions { with: vec![base()], ..o }).unwrap_err();
     assert!(format!("{e:#}").contains("without a classifier head"), "{e:#}");
