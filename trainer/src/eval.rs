@@ -2,7 +2,8 @@
 //! labelled folder (`FOLDER/<class>/...`, the run's classes), optionally on the files whose name
 //! matches a pattern only (e.g. the later photos of footwear-15k). The whole network runs on
 //! ONNX Runtime (a graph built in memory from the run's weights) when its library is found,
-//! else on Candle; both give the trainer's own predictions (logits within 1e-5).
+//! else on Candle; both give the trainer's own predictions (logits within 1e-5). With `--with`
+//! the prediction is the mean of several runs' probabilities (an ensemble of members).
 
 use crate::config::CacheEngine;
 use crate::metrics::{self, Report};
