@@ -145,32 +145,31 @@ impl Net {
             }
         }
     }
-
-    /// Class probabilities of `n` resized images; with `flip`, averaged with those of the
-    /// mirrored images.
-    fn averaged(
-        &mut self,
-        pixels: &[u8],
-        n: usize,
-        desc: &ModelDescription,
-        flip: bool,
-    ) -> anyhow::Result<Vec<Vec<f32>>> {
-        let mut p = self.probabilities(pixels.to_vec(), n, desc)?;
-        if flip {
-            let q = self.probabilities(modelspec::preprocess::mirror_rgb(pixels, desc.input_size), n, desc)?;
-            add_into(&mut p, &q, 0.5);
-        }
-        Ok(p)
-    }
 }
 
-/// `p = w * (p + q)` row by row (`w` = 0.5: the mean of two).
-fn add_into(p: &mut [Vec<f32>], q: &[Vec<f32>], w: f32) {
-    for (a, b) in p.iter_mut().zip(q) {
-        for (x, y) in a.iter_mut().zip(b) {
-            *x = (*x + y) * w;
+/// The mean class probabilities of `n` resized images over every network (an ensemble when
+/// there are several) and, with `flip`, over each image and its mirror image.
+fn mean_probabilities(
+    nets: &mut [Net],
+    pixels: &[u8],
+    n: usize,
+    desc: &ModelDescription,
+    flip: bool,
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let mirrored = flip.then(|| modelspec::preprocess::mirror_rgb(pixels, desc.input_size));
+    let views: Vec<&[u8]> = std::iter::once(pixels).chain(mirrored.as_deref()).collect();
+    let mut sum = vec![vec![0f32; desc.classes.len()]; n];
+    for net in nets.iter_mut() {
+        for v in &views {
+            for (s, p) in sum.iter_mut().zip(net.probabilities(v.to_vec(), n, desc)?) {
+                for (x, y) in s.iter_mut().zip(p) {
+                    *x += y;
+                }
+            }
         }
     }
+    let count = (nets.len() * views.len()) as f32;
+    Ok(sum.into_iter().map(|r| r.into_iter().map(|x| x / count).collect()).collect())
 }
 
 /// The most probable class of each row (the lower index on a tie).
@@ -219,17 +218,7 @@ pub fn evaluate(o: &EvalOptions) -> anyhow::Result<Vec<FolderReport>> {
             let d = decode_batch(&sources, desc.input_size as u32, &desc.preprocessing, &DecodeLimits::default());
             unreadable.extend(d.failed.iter().map(|(i, e)| format!("{}: {e}", chunk[*i].0.display())));
             if !d.decoded.is_empty() {
-                let n = d.decoded.len();
-                let mut p = nets[0].averaged(&d.pixels, n, &desc, o.flip)?;
-                for (k, net) in nets.iter_mut().enumerate().skip(1) {
-                    // The running mean of the first k + 1 members.
-                    let q = net.averaged(&d.pixels, n, &desc, o.flip)?;
-                    for (a, b) in p.iter_mut().zip(&q) {
-                        for (x, y) in a.iter_mut().zip(b) {
-                            *x += (y - *x) / (k + 1) as f32;
-                        }
-                    }
-                }
+                let p = mean_probabilities(&mut nets, &d.pixels, d.decoded.len(), &desc, o.flip)?;
                 pred.extend(argmax_rows(&p));
                 for &i in &d.decoded {
                     truth.push(chunk[i].1);

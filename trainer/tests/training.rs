@@ -239,9 +239,24 @@ fn cached_path_equals_direct_forward() {
     let both =
         &trainer::eval::evaluate(&trainer::eval::EvalOptions { with: vec![m1.clone()], ..o.clone() }).unwrap()[0];
     assert_eq!(both.report.count, 12);
+    // A member sure of the class the run predicts least (its logit bias raised by 50) carries
+    // the ensemble's mean to that class on every photo: the second member is counted.
+    let predicted = |c: usize| alone.report.confusion.iter().map(|row| row[c]).sum::<usize>();
+    let rare = (0..3).min_by_key(|&c| predicted(c)).unwrap();
+    assert!(predicted(rare) < 12);
+    let sure = tmp("cached-sure");
+    let mut tensors: Vec<(String, Tensor)> = d0.tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let bias = tensors.iter_mut().find(|(k, _)| k == "head_logits.bias").unwrap();
+    let mut b = bias.1.to_vec1::<f32>().unwrap();
+    b[rare] += 50.0;
+    bias.1 = Tensor::new(b, &Device::Cpu).unwrap();
+    models::weights::write_model_dir(&sure, &d0.description, &tensors).unwrap();
+    let pulled =
+        &trainer::eval::evaluate(&trainer::eval::EvalOptions { with: vec![sure.clone()], ..o.clone() }).unwrap()[0];
+    assert_eq!(pulled.report.confusion.iter().map(|row| row[rare]).sum::<usize>(), 12, "{:?}", pulled.report.confusion);
     let e = trainer::eval::evaluate(&trainer::eval::EvalOptions { with: vec![base()], ..o }).unwrap_err();
     assert!(format!("{e:#}").contains("without a classifier head"), "{e:#}");
-    for d in [out, m1, soup, data] {
+    for d in [out, m1, soup, sure, data] {
         std::fs::remove_dir_all(d).unwrap();
     }
 }
