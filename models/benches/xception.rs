@@ -93,7 +93,7 @@ fn main() {
 
     // The trainer's phase 2: cached output of the block before `from` in, the blocks from there
     // on and the head trainable.
-    for (from, size, side) in [(13, 150, 9), (12, 224, 14)] {
+    for (from, size, side) in [(13, 150, 9), (12, 224, 14), (13, 224, 14), (12, 256, 16), (13, 299, 19)] {
         let name = format!("train step: blocks {from}-14 + head, AdamW, {size} px, batch 32");
         if !want(&name) {
             continue;
