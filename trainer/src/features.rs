@@ -14,6 +14,7 @@
 
 use crate::augment::{augment, AugmentConfig};
 use crate::progress::Progress;
+use anyhow::Context;
 use candle_core::{Device, Result, Tensor};
 use half::f16;
 use models::xception::{global_avg_pool, Xception};
@@ -334,14 +335,18 @@ pub fn build(
     use half::slice::HalfFloatSliceExt;
     let (n, size) = (images.len(), images.size);
     let items = n * spec.variants;
+    // Before any work: pooled features are written there even when no maps are (phase 2 off).
+    if let Some((d, _)) = dir {
+        std::fs::create_dir_all(d).with_context(|| format!("feature cache folder {}", d.display()))?;
+    }
     let mut sink = match (spec.maps, dir) {
         (false, _) => MapSink::None,
         (true, None) => MapSink::Memory(Vec::new()),
         (true, Some((d, (_, key)))) => {
-            std::fs::create_dir_all(d)?;
             let path = d.join(format!("{key}.maps.f16"));
             let tmp = tmp_path(&path);
-            let file = std::io::BufWriter::with_capacity(1 << 22, std::fs::File::create(&tmp)?);
+            let created = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let file = std::io::BufWriter::with_capacity(1 << 22, created);
             MapSink::File { file, tmp, path }
         }
     };

@@ -355,3 +355,33 @@ fn onnxruntime_cache_matches_candle_and_streams_from_disk() {
     std::fs::remove_dir_all(root).unwrap();
     std::fs::remove_dir_all(data).unwrap();
 }
+
+/// A photo that does not decode: skipped with a warning by default (the run trains and counts
+/// one test photo fewer), a clear error naming the file with `strict`. Phase 2 is off here, so
+/// the feature-cache folder is created for pooled features alone (it once failed with a bare
+/// "No such file or directory").
+#[test]
+fn unreadable_photo_is_skipped_or_named_with_strict() {
+    let data = small_footwear(3, "data-corrupt");
+    let bad = data.join("test/boot/zz_corrupt.jpg");
+    std::fs::write(&bad, b"\xff\xd8\xff\xe0 not a whole jpeg").unwrap();
+    let root = tmp("corrupt");
+    let mut cfg = small_config(&data, &root.join("lenient"));
+    cfg.fine_tune.epochs = 0;
+    cfg.head.epochs = 2;
+    if let Err(e) = trainer::train::run(&cfg, false, &Device::Cpu) {
+        panic!("{e:#}");
+    }
+    let (m, _) = results(&cfg.out);
+    assert_eq!(m["test"]["count"].as_u64(), Some(9), "10 test files, 1 unreadable: {}", m["test"]);
+    assert_eq!(m["test"]["per_class"][0]["support"].as_u64(), Some(3), "{}", m["test"]);
+
+    let mut strict = cfg.clone();
+    strict.out = root.join("strict");
+    strict.strict = true;
+    let err = format!("{:#}", trainer::train::run(&strict, false, &Device::Cpu).unwrap_err());
+    assert!(err.contains("zz_corrupt.jpg"), "the error does not name the file: {err}");
+    assert!(!strict.out.join("metrics.json").exists());
+    std::fs::remove_dir_all(root).unwrap();
+    std::fs::remove_dir_all(data).unwrap();
+}
