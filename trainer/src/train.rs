@@ -351,25 +351,13 @@ pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
     cfg.validate()?;
     let ds = data::scan(&cfg.data)?;
     let prep = Preprocessing::default();
-    let mut images: Vec<Images> = Vec::new();
-    for (i, split) in SPLITS.iter().enumerate() {
-        let (imgs, skipped) =
-            data::load(&ds.splits[i], cfg.image_size, &prep, cfg.strict, &format!("loading {split}"))?;
-        if !skipped.is_empty() {
-            tracing::warn!("{split}: skipped {} unreadable images:", skipped.len());
-            for (p, why) in &skipped {
-                tracing::warn!("  {}: {why}", p.display());
-            }
-        }
-        images.push(imgs);
-    }
     tracing::info!(
         "{}: classes {:?}; {} / {} / {} images; {} px",
         cfg.data.display(),
         ds.classes,
-        images[0].len(),
-        images[1].len(),
-        images[2].len(),
+        ds.splits[0].len(),
+        ds.splits[1].len(),
+        ds.splits[2].len(),
         cfg.image_size
     );
     let base_dir =
@@ -395,11 +383,21 @@ pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
         };
         if i == 2 && !cfg.evaluate_test {
             // Not looked at: an empty cache.
-            let empty = Images { size: images[i].size, pixels: vec![], labels: vec![], paths: vec![] };
+            let empty = Images { size: cfg.image_size, pixels: vec![], labels: vec![], paths: vec![] };
             caches.push(features::build(&mut engine, &empty, &spec, None, "features test", dev)?);
             continue;
         }
-        let keys = features::disk_keys(&images[i], &spec, &cfg.base.join(modelspec::WEIGHTS_FILE), &engine.name());
+        // One split's decoded photos in memory at a time, dropped once its cache is built: at
+        // 299 px the three splits' pixels alone are 3.5 GB.
+        let (images, skipped) =
+            data::load(&ds.splits[i], cfg.image_size, &prep, cfg.strict, &format!("loading {split}"))?;
+        if !skipped.is_empty() {
+            tracing::warn!("{split}: skipped {} unreadable images:", skipped.len());
+            for (p, why) in &skipped {
+                tracing::warn!("  {}: {why}", p.display());
+            }
+        }
+        let keys = features::disk_keys(&images, &spec, &cfg.base.join(modelspec::WEIGHTS_FILE), &engine.name());
         let disk = (!cfg.feature_cache.as_os_str().is_empty()).then_some(cfg.feature_cache.as_path());
         if let Some(c) = disk.and_then(|d| features::load(d, &keys, spec.maps)) {
             tracing::info!("{split}: feature cache read from {}", cfg.feature_cache.display());
@@ -407,14 +405,8 @@ pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
             continue;
         }
         let t = Instant::now();
-        let c = features::build(
-            &mut engine,
-            &images[i],
-            &spec,
-            disk.map(|d| (d, &keys)),
-            &format!("features {split}"),
-            dev,
-        )?;
+        let c =
+            features::build(&mut engine, &images, &spec, disk.map(|d| (d, &keys)), &format!("features {split}"), dev)?;
         tracing::info!(
             "{split}: {} items through the frozen blocks in {:.0} s ({:.1} img/s)",
             c.items(),
