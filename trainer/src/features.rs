@@ -278,10 +278,11 @@ fn read_f32(path: &Path, len: usize) -> std::io::Result<Vec<f32>> {
     Ok(v)
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `path` through a temporary file beside it; an error names the file.
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let tmp = tmp_path(path);
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(tmp, path)
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
@@ -397,10 +398,12 @@ pub fn build(
         MapSink::None => MapStore::None,
         MapSink::Memory(v) => MapStore::Memory(Arc::new(v)),
         MapSink::File { file, tmp, path } => {
-            let f = file.into_inner().map_err(|e| e.into_error())?;
-            f.sync_all()?;
+            let f =
+                file.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", tmp.display()))?;
+            f.sync_all().with_context(|| format!("writing {}", tmp.display()))?;
             drop(f);
-            std::fs::rename(&tmp, &path)?;
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
             let (d, (_, key)) = dir.expect("a file sink has a folder");
             write_atomic(&d.join(format!("{key}.maps.json")), &serde_json::to_vec(&MapsHeader { items, map_dims })?)?;
             MapStore::File(Arc::new(std::fs::File::open(&path)?), path)

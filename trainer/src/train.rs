@@ -352,7 +352,7 @@ pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
     let ds = data::scan(&cfg.data)?;
     let prep = Preprocessing::default();
     tracing::info!(
-        "{}: classes {:?}; {} / {} / {} images; {} px",
+        "{}: classes {:?}; {} / {} / {} image files (unreadable ones are reported when their split is loaded); {} px",
         cfg.data.display(),
         ds.classes,
         ds.splits[0].len(),
