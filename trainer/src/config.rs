@@ -63,6 +63,30 @@ pub enum CacheEngine {
     Onnxruntime,
 }
 
+/// Whether the validation photos join the training set, once a recipe has been chosen on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Refit {
+    /// Train on `train/` alone; validation picks each phase's best epoch and stops it early.
+    #[default]
+    Off,
+    /// Every other validation photo of each class (the 1st, 3rd, ... in file-name order) joins
+    /// training; the others stay out and are what validation reports: measures what refitting
+    /// brings before trusting it.
+    Half,
+    /// Every validation photo joins training (the recipe's choices were made before): validation
+    /// figures are then on photos trained on, and say nothing about new ones.
+    All,
+}
+
+impl Refit {
+    /// Whether validation chooses epochs (best-epoch selection and early stopping). With refit
+    /// on, each phase runs all its epochs and keeps its last (averaged) weights.
+    pub fn selects_epochs(self) -> bool {
+        self == Refit::Off
+    }
+}
+
 /// One training phase.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -158,6 +182,8 @@ pub struct TrainConfig {
     /// Evaluate on the test split at the end (off while choosing a recipe: the test split is
     /// looked at once, for the final figure).
     pub evaluate_test: bool,
+    /// Validation photos in the training set (see [`Refit`]).
+    pub refit: Refit,
 }
 
 impl Default for TrainConfig {
@@ -195,6 +221,7 @@ impl Default for TrainConfig {
             cache_engine: CacheEngine::Auto,
             ort_lib: None,
             evaluate_test: true,
+            refit: Refit::Off,
         }
     }
 }

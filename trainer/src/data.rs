@@ -3,6 +3,7 @@
 //! listed and decoded with the preprocessing the runtime uses (`modelspec::preprocess`: its one
 //! folder walk and its one batch loop) and kept as 8-bit RGB at the input size.
 
+use crate::config::Refit;
 use crate::progress::Progress;
 use modelspec::preprocess::{decode_batch, image_files, DecodeLimits, Source};
 use modelspec::Preprocessing;
@@ -90,6 +91,33 @@ pub fn scan(root: &Path) -> Result<Dataset, DataError> {
         }
     }
     Ok(Dataset { classes: classes.unwrap_or_default(), splits })
+}
+
+impl Dataset {
+    /// Moves validation photos into the training set (see [`Refit`]): all of them, or every
+    /// other one of each class in file-name order (the others stay as the validation split).
+    pub fn refit(mut self, refit: Refit) -> Self {
+        let [train, validation, _] = &mut self.splits;
+        match refit {
+            Refit::Off => {}
+            Refit::All => train.extend(validation.iter().cloned()),
+            Refit::Half => {
+                let mut seen = vec![0usize; self.classes.len()];
+                let mut kept = Vec::new();
+                for s in validation.drain(..) {
+                    let k = &mut seen[s.label];
+                    if *k % 2 == 0 {
+                        train.push(s);
+                    } else {
+                        kept.push(s);
+                    }
+                    *k += 1;
+                }
+                *validation = kept;
+            }
+        }
+        self
+    }
 }
 
 /// Decoded images of one split: 8-bit RGB, `size` x `size`, HWC, one after another.

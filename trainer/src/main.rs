@@ -8,7 +8,7 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use trainer::config::{CacheEngine, ComputePrecision, OptimizerKind, Schedule, TrainConfig};
+use trainer::config::{CacheEngine, ComputePrecision, OptimizerKind, Refit, Schedule, TrainConfig};
 
 #[global_allocator]
 static GLOBAL: models::alloc::Allocator = models::alloc::Allocator;
@@ -190,6 +190,10 @@ struct TrainArgs {
     /// Do not evaluate on the test split (while choosing a recipe on validation).
     #[arg(long)]
     skip_test: bool,
+    /// Train on the validation photos too, once the recipe is chosen (each phase then runs all
+    /// its epochs and keeps the last weights): `half` holds out every other photo to measure it.
+    #[arg(long, value_enum)]
+    refit: Option<Refit>,
 }
 
 fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
@@ -225,6 +229,7 @@ fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     set!(label_smoothing = a.label_smoothing);
     set!(cache_engine = a.cache_engine);
     set!(feature_cache = a.feature_cache);
+    set!(refit = a.refit);
     if a.ort_lib.is_some() {
         c.ort_lib = a.ort_lib.clone();
     }

@@ -7,7 +7,7 @@
 //! a resumed run ends where an uninterrupted one would have.
 
 use crate::checkpoint::{Checkpoint, Phase, Section, TrainState};
-use crate::config::{CacheEngine, ComputePrecision, PhaseConfig, Schedule, TrainConfig};
+use crate::config::{CacheEngine, ComputePrecision, PhaseConfig, Refit, Schedule, TrainConfig};
 use crate::data::{self, Images, SPLITS};
 use crate::features::{self, CacheSpec, Engine, FeatureCache};
 use crate::history::{self, Epoch};
@@ -294,7 +294,10 @@ impl PhaseRunner<'_> {
                 e.epoch, pc.epochs, lr, e.train_loss, e.train_acc, val_loss, val_acc, e.seconds, items.len() as f64 / e.seconds
             );
             state.history.push(e);
-            if val_acc > state.best_acc || (val_acc == state.best_acc && val_loss < state.best_loss) {
+            if !cfg.refit.selects_epochs() {
+                // Refit: the last epoch's weights, whatever validation says.
+                best = snapshot(&vars)?;
+            } else if val_acc > state.best_acc || (val_acc == state.best_acc && val_loss < state.best_loss) {
                 (state.best_acc, state.best_loss, state.since_best) = (val_acc, val_loss, 0);
                 best = snapshot(&vars)?;
             } else {
@@ -315,7 +318,7 @@ impl PhaseRunner<'_> {
             }
             state.next_epoch = epoch + 1;
             state.opt_step = opt.step;
-            if pc.patience > 0 && state.since_best >= pc.patience {
+            if cfg.refit.selects_epochs() && pc.patience > 0 && state.since_best >= pc.patience {
                 tracing::info!("phase {phase}: no better validation accuracy for {} epochs, stopping", pc.patience);
                 state.phase_done = true;
             }
@@ -349,7 +352,7 @@ pub struct Prepared {
 /// Reads the data and builds the feature caches with the frozen ImageNet base.
 pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
     cfg.validate()?;
-    let ds = data::scan(&cfg.data)?;
+    let ds = data::scan(&cfg.data)?.refit(cfg.refit);
     let prep = Preprocessing::default();
     tracing::info!(
         "{}: classes {:?}; {} / {} / {} image files (unreadable ones are reported when their split is loaded); {} px",
@@ -360,6 +363,16 @@ pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
         ds.splits[2].len(),
         cfg.image_size
     );
+    match cfg.refit {
+        Refit::Off => {}
+        Refit::Half => tracing::info!(
+            "refit half: every other validation photo trains; validation reports the other {}",
+            ds.splits[1].len()
+        ),
+        Refit::All => tracing::warn!(
+            "refit all: the validation photos train too; validation figures are on photos trained on"
+        ),
+    }
     let base_dir =
         ModelDir::load(&cfg.base, dev).with_context(|| format!("loading the base model {}", cfg.base.display()))?;
     let opts = XceptionOptions { trainable_from: None, compute_dtype: cfg.precision.dtype() };
@@ -601,7 +614,10 @@ pub fn train_prepared(
         "test": test,
         "seconds": seconds,
         "epochs": state.history.len(),
+        "refit": cfg.refit,
     });
+    // With every validation photo trained on, its accuracy is not a score of the model.
+    let validation_score = (cfg.refit != Refit::All).then_some(validation.accuracy);
     let description = ModelDescription {
         format: FORMAT_VERSION,
         name: cfg.name.clone(),
@@ -616,7 +632,7 @@ pub fn train_prepared(
         metrics: Some(serde_json::json!({
             "test_accuracy": test.as_ref().map(|t| t.accuracy),
             "test_macro_f1": test.as_ref().map(|t| t.macro_f1),
-            "validation_accuracy": validation.accuracy,
+            "validation_accuracy": validation_score,
         })),
     };
     let tensors: Vec<(String, Tensor)> = expected_tensors(&description)
