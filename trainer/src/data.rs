@@ -227,6 +227,32 @@ mod tests {
     }
 
     #[test]
+    fn refit_moves_all_or_every_other_validation_photo_per_class() {
+        let sample = |name: &str, label| Sample { path: name.into(), label };
+        let ds = Dataset {
+            classes: vec!["a".into(), "b".into()],
+            splits: [
+                vec![sample("t", 0)],
+                vec![sample("a1", 0), sample("a2", 0), sample("a3", 0), sample("b1", 1), sample("b2", 1)],
+                vec![sample("x", 1)],
+            ],
+        };
+        let names = |v: &[Sample]| v.iter().map(|s| s.path.to_string_lossy().into_owned()).collect::<Vec<_>>();
+        let off = ds.clone().refit(Refit::Off);
+        assert_eq!((names(&off.splits[0]), names(&off.splits[1])), (names(&ds.splits[0]), names(&ds.splits[1])));
+        // Half: the 1st, 3rd, ... of each class train (both classes get their share).
+        let half = ds.clone().refit(Refit::Half);
+        assert_eq!(names(&half.splits[0]), ["t", "a1", "a3", "b1"]);
+        assert_eq!(names(&half.splits[1]), ["a2", "b2"]);
+        assert_eq!(half.splits[0][3].label, 1);
+        // All: every validation photo trains, and validation still holds them (in-sample).
+        let all = ds.clone().refit(Refit::All);
+        assert_eq!(names(&all.splits[0]), ["t", "a1", "a2", "a3", "b1", "b2"]);
+        assert_eq!(names(&all.splits[1]), names(&ds.splits[1]));
+        assert_eq!(names(&all.splits[2]), ["x"]);
+    }
+
+    #[test]
     fn structural_problems_are_named() {
         let p = png();
         let root = tree("missing", &[("train/a", "x.png", &p), ("validation/a", "x.png", &p)]);

@@ -385,3 +385,54 @@ fn unreadable_photo_is_skipped_or_named_with_strict() {
     std::fs::remove_dir_all(root).unwrap();
     std::fs::remove_dir_all(data).unwrap();
 }
+
+/// `--refit`: the validation photos join training (all, or every other one per class with the
+/// rest held out), and each phase runs all its epochs whatever validation says (a patience of 1
+/// would stop it otherwise) and keeps the last weights; with `all`, the model's description does
+/// not claim the in-sample validation accuracy as a score.
+#[test]
+fn refit_trains_on_validation_photos_for_all_epochs() {
+    let data = small_footwear(4, "data-refit");
+    let root = tmp("refit");
+    let mut cfg = small_config(&data, &root.join("half"));
+    cfg.fine_tune.epochs = 0;
+    cfg.head.epochs = 6;
+    cfg.head.patience = 1;
+    cfg.head.mixup = 0.0;
+    cfg.refit = trainer::config::Refit::Half;
+    trainer::train::run(&cfg, false, &Device::Cpu).unwrap();
+    let (m, _) = results(&cfg.out);
+    assert_eq!(m["validation"]["count"].as_u64(), Some(6), "4 per class, 2 held out each: {}", m["validation"]);
+    assert_eq!(m["epochs"].as_u64(), Some(6), "refit stopped early: {m}");
+    assert_eq!(m["refit"], "half");
+    let history: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cfg.out.join("history.json")).unwrap()).unwrap();
+    assert_eq!(history.as_array().unwrap().len(), 6);
+
+    let mut all = cfg.clone();
+    all.out = root.join("all");
+    all.refit = trainer::config::Refit::All;
+    trainer::train::run(&all, false, &Device::Cpu).unwrap();
+    let (m, _) = results(&all.out);
+    assert_eq!(m["validation"]["count"].as_u64(), Some(12), "{}", m["validation"]);
+    assert_eq!(m["epochs"].as_u64(), Some(6));
+    let description: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(all.out.join("model.json")).unwrap()).unwrap();
+    assert!(description["metrics"]["validation_accuracy"].is_null(), "{}", description["metrics"]);
+    assert!(description["metrics"]["test_accuracy"].as_f64().is_some());
+    // The training set grew: its cache has 3 classes x (4 train + 4 validation) photos, 2 variants each.
+    let caches: Vec<serde_json::Value> = std::fs::read_dir(root.join("feature-cache"))
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            let name = p.file_name()?.to_str()?.to_owned();
+            (name.ends_with(".json") && !name.ends_with(".maps.json"))
+                .then(|| serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap())
+        })
+        .collect();
+    let sizes: Vec<(u64, u64)> =
+        caches.iter().map(|h| (h["n"].as_u64().unwrap(), h["variants"].as_u64().unwrap())).collect();
+    assert!(sizes.contains(&(24, 2)), "no cache of 24 training photos x 2 variants among {sizes:?}");
+    std::fs::remove_dir_all(root).unwrap();
+    std::fs::remove_dir_all(data).unwrap();
+}
