@@ -136,8 +136,49 @@ fn percentiles(t: &Tensor, p: f64) -> anyhow::Result<(f32, f32, f32, f32)> {
     Ok((min, max, lo, hi))
 }
 
-/// Calibrates the model of `dir` on `files`.
-pub fn calibrate(dir: &Path, files: &[PathBuf], o: &CalibrationOptions) -> anyhow::Result<(TapRanges, usize)> {
+/// What one pass over the calibration photos saw: enough for the ranges of either method.
+pub struct Calibrated {
+    stats: HashMap<String, Stat>,
+    /// Photos that could be read.
+    pub used: usize,
+}
+
+impl Calibrated {
+    /// The activation ranges of `method` (the percentile is the one of the pass).
+    pub fn ranges(&self, method: Method) -> TapRanges {
+        self.stats
+            .iter()
+            .map(|(k, s)| {
+                let r = match method {
+                    Method::MinMax => (s.min, s.max),
+                    Method::Percentile => ((s.lo_sum / s.batches as f64) as f32, (s.hi_sum / s.batches as f64) as f32),
+                };
+                (k.clone(), r)
+            })
+            .collect()
+    }
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::MinMax => "minmax",
+            Method::Percentile => "percentile",
+        }
+    }
+
+    /// The other method: the exporter's second try when a file fails its verification.
+    pub fn other(self) -> Method {
+        match self {
+            Method::MinMax => Method::Percentile,
+            Method::Percentile => Method::MinMax,
+        }
+    }
+}
+
+/// Runs `files` through the model of `dir` once, recording every activation's extremes and
+/// percentiles (the ranges of both methods come from this one pass).
+pub fn calibrate(dir: &Path, files: &[PathBuf], o: &CalibrationOptions) -> anyhow::Result<Calibrated> {
     let dev = Device::Cpu;
     let (model, desc) = Classifier::load(dir, &dev).with_context(|| format!("loading {}", dir.display()))?;
     let weights = candle_core::safetensors::load(dir.join(modelspec::WEIGHTS_FILE), &dev)?;
@@ -182,15 +223,5 @@ pub fn calibrate(dir: &Path, files: &[PathBuf], o: &CalibrationOptions) -> anyho
     if used == 0 {
         bail!("calibration: none of the {} photos could be read", files.len());
     }
-    let ranges = stats
-        .into_iter()
-        .map(|(k, s)| {
-            let r = match o.method {
-                Method::MinMax => (s.min, s.max),
-                Method::Percentile => ((s.lo_sum / s.batches as f64) as f32, (s.hi_sum / s.batches as f64) as f32),
-            };
-            (k, r)
-        })
-        .collect();
-    Ok((ranges, used))
+    Ok(Calibrated { stats, used })
 }

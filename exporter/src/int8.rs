@@ -21,6 +21,7 @@ use inference::evaluate::{scores, Scores};
 use inference::OnnxModel;
 use models::weights::ModelDir;
 use modelspec::onnx_meta::{self, Precision};
+use modelspec::ModelDescription;
 use modelspec::preprocess::image_files;
 use prost::Message;
 use serde::Serialize;
@@ -43,6 +44,8 @@ pub struct Int8Options {
     pub min_agreement: f64,
     /// Largest accuracy loss against the float file, as a fraction (0.003: 0.3 points).
     pub max_accuracy_drop: f64,
+    /// When the file fails its verification, try once more with the other calibration method.
+    pub fallback: bool,
 }
 
 impl Default for Int8Options {
@@ -54,6 +57,7 @@ impl Default for Int8Options {
             verify_on: None,
             min_agreement: 0.995,
             max_accuracy_drop: 0.003,
+            fallback: true,
         }
     }
 }
@@ -84,6 +88,20 @@ pub struct Int8Report {
     pub int8: Scores,
     pub checks: Vec<Check>,
     pub passed: bool,
+    /// Files tried before this one that failed their verification (another calibration method).
+    pub failed_attempts: Vec<String>,
+}
+
+impl Int8Report {
+    /// One line: the calibration method and each check's value.
+    pub fn summary(&self) -> String {
+        let checks: Vec<String> = self
+            .checks
+            .iter()
+            .map(|c| format!("{} {} ({}{})", c.name, c.value, c.limit, if c.passed { "" } else { ", FAILED" }))
+            .collect();
+        format!("{}: {}", self.calibration.method.as_str(), checks.join("; "))
+    }
 }
 
 impl std::fmt::Display for Int8Report {
@@ -100,6 +118,9 @@ impl std::fmt::Display for Int8Report {
             self.int8.macro_f1,
             self.float32.macro_f1
         )?;
+        for a in &self.failed_attempts {
+            writeln!(f, "  (tried first, failed: {a})")?;
+        }
         for c in &self.checks {
             writeln!(f, "  [{}] {}: {} (limit {})", if c.passed { "ok" } else { "FAILED" }, c.name, c.value, c.limit)?;
         }
@@ -147,88 +168,191 @@ pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Export
     }
     let (photos, source) = calibrate::photos(&q.calibration, &desc)?;
     let t = std::time::Instant::now();
-    let (ranges, used) = calibrate::calibrate(&o.run_dir, &photos, &q.calibration)?;
+    let calibrated = calibrate::calibrate(&o.run_dir, &photos, &q.calibration)?;
     tracing::info!(
-        "calibrated {} activations on {used} photos from {source} in {:.0} s",
-        ranges.len(),
+        "calibrated {} activations on {} photos from {source} in {:.0} s",
+        calibrated.ranges(q.calibration.method).len(),
+        calibrated.used,
         t.elapsed().as_secs_f64()
     );
-    let calibration = Calibration {
-        method: q.calibration.method,
-        percentile: (q.calibration.method == calibrate::Method::Percentile).then_some(q.calibration.percentile),
-        photos: used,
-        seed: q.calibration.seed,
-        source,
-        activations: ranges.len(),
-        weight_bits: q.weight_bits,
-    };
     let toolchain = format!("{PRODUCER} {} (opset {})", env!("CARGO_PKG_VERSION"), graph::OPSET);
-    let mut props = onnx_meta::properties(&desc, o.input_type, o.model_version, &toolchain);
-    props.push((onnx_meta::PRECISION.into(), Precision::Int8.as_str().into()));
-    props.push((onnx_meta::CALIBRATION.into(), serde_json::to_string(&calibration)?));
-    props.extend(crate::flip_property(o));
     let keep: HashSet<String> = q.keep_float.iter().cloned().collect();
-    let (model, summary) = onnxgraph::build_int8(
-        &desc,
-        &weights,
-        o.input_type,
-        &props,
-        o.model_version,
-        (PRODUCER, env!("CARGO_PKG_VERSION")),
-        &ranges,
-        &keep,
-        q.weight_bits,
-    )?;
-    let bytes = model.encode_to_vec();
-    let tmp = crate::write_beside(&o.out, &bytes)?;
-    let optimized = crate::beside(&o.out, "optimized")?;
-    let result = (|| -> anyhow::Result<Option<Int8Report>> {
-        if !o.verify {
-            return Ok(None);
+    // Neither method is safe alone (docs/training.md: on one model MinMax passes and the
+    // percentile fails, on another the reverse), so a file that fails its verification gets one
+    // more try with the other method. The second file must pass the same checks; no labels
+    // choose between two passing files, the first that passes is kept.
+    let first = q.calibration.method;
+    let methods = if q.fallback && o.verify { vec![first, first.other()] } else { vec![first] };
+    let mut verifier = Verifier::new(o, q, &desc, &weights, &toolchain)?;
+    let mut failed: Vec<Int8Report> = Vec::new();
+    for method in methods {
+        let ranges = calibrated.ranges(method);
+        let calibration = Calibration {
+            method,
+            percentile: (method == calibrate::Method::Percentile).then_some(q.calibration.percentile),
+            photos: calibrated.used,
+            seed: q.calibration.seed,
+            source: source.clone(),
+            activations: ranges.len(),
+            weight_bits: q.weight_bits,
+        };
+        let mut props = onnx_meta::properties(&desc, o.input_type, o.model_version, &toolchain);
+        props.push((onnx_meta::PRECISION.into(), Precision::Int8.as_str().into()));
+        props.push((onnx_meta::CALIBRATION.into(), serde_json::to_string(&calibration)?));
+        props.extend(crate::flip_property(o));
+        let (model, summary) = onnxgraph::build_int8(
+            &desc,
+            &weights,
+            o.input_type,
+            &props,
+            o.model_version,
+            (PRODUCER, env!("CARGO_PKG_VERSION")),
+            &ranges,
+            &keep,
+            q.weight_bits,
+        )?;
+        let bytes = model.encode_to_vec();
+        let tmp = crate::write_beside(&o.out, &bytes)?;
+        let report = match verifier.verify(&tmp, &model, &keep, &calibration, &summary) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e.context(format!("{} was left unchanged", o.out.display())));
+            }
+        };
+        match report {
+            Some(mut r) if !r.passed => {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::warn!("int8 file calibrated with {}: {}", method.as_str(), r.summary());
+                r.failed_attempts = failed.iter().map(Int8Report::summary).collect();
+                failed.push(r);
+            }
+            report => {
+                std::fs::rename(&tmp, &o.out)
+                    .with_context(|| format!("renaming {} to {}", tmp.display(), o.out.display()))?;
+                let report = report.map(|mut r| {
+                    r.failed_attempts = failed.iter().map(Int8Report::summary).collect();
+                    r
+                });
+                let report_path = match &report {
+                    Some(r) => {
+                        if !r.failed_attempts.is_empty() {
+                            tracing::info!("the {} calibration's file passes: it is the one written", method.as_str());
+                        }
+                        let p = crate::report_path(&o.out);
+                        std::fs::write(&p, serde_json::to_string_pretty(r)?)
+                            .with_context(|| format!("writing {}", p.display()))?;
+                        Some(p)
+                    }
+                    None => None,
+                };
+                return Ok((Exported { path: o.out.clone(), bytes: bytes.len(), report: None, report_path }, report));
+            }
         }
-        let folder = match (&q.verify_on, desc.dataset.as_ref().map(|d| d.join("test"))) {
+    }
+    let reports: Vec<String> = failed.iter().map(|r| r.to_string()).collect();
+    bail!(
+        "{}\nthe int8 file fails its verification with {}; {} was left unchanged",
+        reports.join("\n"),
+        failed.iter().map(|r| r.calibration.method.as_str()).collect::<Vec<_>>().join(" and with "),
+        o.out.display()
+    )
+}
+
+/// The verification of int8 files against the float file of the same weights, whose
+/// predictions are computed once for every file tried.
+struct Verifier<'a> {
+    o: &'a ExportOptions,
+    q: &'a Int8Options,
+    /// The labelled photos, and the float file's predictions on them (on the first use).
+    files: Vec<(PathBuf, usize)>,
+    folder: PathBuf,
+    float_pred: Option<HashMap<PathBuf, usize>>,
+    float_model: Option<candle_onnx::onnx::ModelProto>,
+    classes: usize,
+}
+
+impl<'a> Verifier<'a> {
+    fn new(
+        o: &'a ExportOptions,
+        q: &'a Int8Options,
+        desc: &ModelDescription,
+        weights: &graph::Weights,
+        toolchain: &str,
+    ) -> anyhow::Result<Self> {
+        let mut v =
+            Self { o, q, files: vec![], folder: PathBuf::new(), float_pred: None, float_model: None, classes: desc.classes.len() };
+        if !o.verify {
+            return Ok(v);
+        }
+        v.folder = match (&q.verify_on, desc.dataset.as_ref().map(|d| d.join("test"))) {
             (Some(f), _) => f.clone(),
             (None, Some(t)) if t.is_dir() => t,
             _ => bail!(
-                "int8 files are verified on labelled photos: the model names no test split; pass --verify-on FOLDER"
+                "int8 files are verified on labelled photos: the model names no test split; pass --verify-on FOLDER; {} was left unchanged",
+                o.out.display()
             ),
         };
-        let files = labelled(&folder, &desc.classes)?;
-        let paths: Vec<PathBuf> = files.iter().map(|(f, _)| f.clone()).collect();
-        let mut float_props = onnx_meta::properties(&desc, o.input_type, o.model_version, &toolchain);
+        v.files = labelled(&v.folder, &desc.classes)
+            .with_context(|| format!("{} was left unchanged", o.out.display()))?;
+        let mut float_props = onnx_meta::properties(desc, o.input_type, o.model_version, toolchain);
         float_props.extend(crate::flip_property(o));
-        let float_model = graph::build(
-            &desc,
-            &weights,
+        v.float_model = Some(graph::build(
+            desc,
+            weights,
             OnnxPrecision::F32,
             o.input_type,
             &float_props,
             o.model_version,
             (PRODUCER, env!("CARGO_PKG_VERSION")),
-        )?;
-        let mut float = OnnxModel::from_bytes(&float_model.encode_to_vec(), &o.run_dir.join("<float32>"), &o.ort)?;
-        let float_pred = predictions(&mut float, &paths)?;
-        drop(float);
-        let cfg = inference::SessionConfig { optimized_model: Some(optimized.clone()), ..o.ort.clone() };
-        let mut int8 = OnnxModel::load(&tmp, &cfg)?;
-        anyhow::ensure!(
-            int8.info.precision == Precision::Int8,
-            "the int8 file's metadata says {}",
-            int8.info.precision
-        );
-        let int8_pred = predictions(&mut int8, &paths)?;
-        drop(int8);
-        let opt = std::fs::read(&optimized).with_context(|| format!("reading {}", optimized.display()))?;
-        let optimized_ops = onnxgraph::quant::op_counts(&candle_onnx::onnx::ModelProto::decode(opt.as_slice())?);
+        )?);
+        Ok(v)
+    }
+
+    /// Verifies the int8 file written at `tmp` (`None` when verification is off).
+    fn verify(
+        &mut self,
+        tmp: &Path,
+        model: &candle_onnx::onnx::ModelProto,
+        keep: &HashSet<String>,
+        calibration: &Calibration,
+        summary: &onnxgraph::Int8Summary,
+    ) -> anyhow::Result<Option<Int8Report>> {
+        let (o, q) = (self.o, self.q);
+        if !o.verify {
+            return Ok(None);
+        }
+        let paths: Vec<PathBuf> = self.files.iter().map(|(f, _)| f.clone()).collect();
+        if self.float_pred.is_none() {
+            let bytes = self.float_model.take().expect("built with the verifier").encode_to_vec();
+            let mut float = OnnxModel::from_bytes(&bytes, &o.run_dir.join("<float32>"), &o.ort)?;
+            self.float_pred = Some(predictions(&mut float, &paths)?);
+        }
+        let float_pred = self.float_pred.as_ref().expect("computed above");
+        let optimized = crate::beside(&o.out, "optimized")?;
+        let result = (|| -> anyhow::Result<(HashMap<PathBuf, usize>, BTreeMap<String, usize>)> {
+            let cfg = inference::SessionConfig { optimized_model: Some(optimized.clone()), ..o.ort.clone() };
+            let mut int8 = OnnxModel::load(tmp, &cfg)?;
+            anyhow::ensure!(
+                int8.info.precision == Precision::Int8,
+                "the int8 file's metadata says {}",
+                int8.info.precision
+            );
+            let int8_pred = predictions(&mut int8, &paths)?;
+            drop(int8);
+            let opt = std::fs::read(&optimized).with_context(|| format!("reading {}", optimized.display()))?;
+            Ok((int8_pred, onnxgraph::quant::op_counts(&candle_onnx::onnx::ModelProto::decode(opt.as_slice())?)))
+        })();
+        let _ = std::fs::remove_file(&optimized);
+        let (int8_pred, optimized_ops) = result?;
 
         // Photos both files could read (the same ones: same decoder).
         let both: Vec<&(PathBuf, usize)> =
-            files.iter().filter(|(f, _)| float_pred.contains_key(f) && int8_pred.contains_key(f)).collect();
+            self.files.iter().filter(|(f, _)| float_pred.contains_key(f) && int8_pred.contains_key(f)).collect();
         let truth: Vec<usize> = both.iter().map(|(_, l)| *l).collect();
         let fp: Vec<usize> = both.iter().map(|(f, _)| float_pred[f]).collect();
         let ip: Vec<usize> = both.iter().map(|(f, _)| int8_pred[f]).collect();
-        let k = desc.classes.len();
-        let (fs, is) = (scores(&fp, &truth, k), scores(&ip, &truth, k));
+        let (fs, is) = (scores(&fp, &truth, self.classes), scores(&ip, &truth, self.classes));
         let agreement = fp.iter().zip(&ip).filter(|(a, b)| a == b).count() as f64 / both.len().max(1) as f64;
         // Float convolutions ONNX Runtime still runs, beyond those kept float on purpose.
         let kept_convs = model
@@ -268,35 +392,14 @@ pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Export
             calibration: calibration.clone(),
             graph: summary.clone(),
             optimized_ops,
-            folder: folder.display().to_string(),
+            folder: self.folder.display().to_string(),
             images: both.len(),
             agreement,
             float32: fs,
             int8: is,
             checks,
             passed,
+            failed_attempts: vec![],
         }))
-    })();
-    let _ = std::fs::remove_file(&optimized);
-    let report = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e.context(format!("{} was left unchanged", o.out.display())));
-        }
-    };
-    if let Some(r) = report.as_ref().filter(|r| !r.passed) {
-        let _ = std::fs::remove_file(&tmp);
-        bail!("{r}\nthe int8 file fails its verification; {} was left unchanged", o.out.display());
     }
-    std::fs::rename(&tmp, &o.out).with_context(|| format!("renaming {} to {}", tmp.display(), o.out.display()))?;
-    let report_path = match &report {
-        Some(r) => {
-            let p = crate::report_path(&o.out);
-            std::fs::write(&p, serde_json::to_string_pretty(r)?).with_context(|| format!("writing {}", p.display()))?;
-            Some(p)
-        }
-        None => None,
-    };
-    Ok((Exported { path: o.out.clone(), bytes: bytes.len(), report: None, report_path }, report))
 }

@@ -29,9 +29,14 @@ struct Args {
     /// int8: seed of the choice of calibration photos.
     #[arg(long, default_value_t = 0)]
     calibration_seed: u64,
-    /// int8: how activation ranges are taken from the calibration.
+    /// int8: how activation ranges are taken from the calibration (if its file fails the
+    /// verification, the other method is tried once: see --no-calibration-fallback).
     #[arg(long, value_enum, default_value = "minmax")]
     calibration_method: exporter::calibrate::Method,
+    /// int8: when the file fails its verification, stop there instead of trying once more with
+    /// the other calibration method.
+    #[arg(long)]
+    no_calibration_fallback: bool,
     /// int8: the percentile of `--calibration-method percentile`.
     #[arg(long, default_value_t = 99.99)]
     percentile: f64,
@@ -143,6 +148,7 @@ fn main() -> anyhow::Result<()> {
             keep_float: a.keep_float.clone(),
             weight_bits: a.weight_bits,
             verify_on: a.verify_on.clone(),
+            fallback: !a.no_calibration_fallback,
             ..Default::default()
         };
         let (e, report) = exporter::int8::export_int8(&o, &q)?;

@@ -231,6 +231,7 @@ fn int8_files(run: &Path, root: &Path, float: &exporter::Exported) {
     let (e, r) = export_int8(&options(run, &out), &q).unwrap();
     let r = r.unwrap();
     assert!(r.passed, "{r}");
+    assert!(r.failed_attempts.is_empty(), "the first calibration passed, nothing else tried: {r}");
     assert_eq!((r.images, r.calibration.photos), (18, 12));
     assert_eq!(r.graph.quantized, 76, "74 convolutions and 2 dense layers");
     assert_eq!(r.graph.biases_clamped, 0);
@@ -260,12 +261,18 @@ fn int8_files(run: &Path, root: &Path, float: &exporter::Exported) {
     assert_eq!((rk.graph.quantized, rk.graph.kept_float.clone()), (75, vec!["block1_conv1".to_string()]));
     assert_eq!(rk.optimized_ops.get("QLinearConv"), Some(&73), "{:?}", rk.optimized_ops);
 
-    // A check that fails names itself and leaves the previous file as it was.
+    // A check that fails names itself and leaves the previous file as it was, after the other
+    // calibration method was tried too (and failed the same impossible limit).
     let before = std::fs::read(&out).unwrap();
     let strict = Int8Options { min_agreement: 1.01, ..q.clone() };
     let err = format!("{:#}", export_int8(&options(run, &out), &strict).unwrap_err());
     assert!(err.contains("[FAILED] same top class as the float32 file"), "{err}");
+    assert!(err.contains("fails its verification with minmax and with percentile"), "{err}");
+    assert_eq!(err.matches("int8 verification of").count(), 2, "{err}");
     assert!(err.contains("left unchanged"), "{err}");
+    let once = Int8Options { fallback: false, ..strict };
+    let err = format!("{:#}", export_int8(&options(run, &out), &once).unwrap_err());
+    assert!(err.contains("fails its verification with minmax;"), "{err}");
     assert_eq!(std::fs::read(&out).unwrap(), before);
     let unknown = Int8Options { keep_float: vec!["block99_conv1".into()], ..q };
     let err = format!("{:#}", export_int8(&options(run, &out), &unknown).unwrap_err());
