@@ -3,7 +3,7 @@
 //! ranked by validation accuracy. Writes `sweep.csv`, `sweep.md`, `sweep.png`, and keeps the
 //! weights of the best run only.
 
-use crate::config::TrainConfig;
+use crate::config::{Refit, TrainConfig};
 use crate::train::{prepare, train_prepared};
 use candle_core::Device;
 use plotters::prelude::*;
@@ -48,6 +48,10 @@ fn or<T: Clone>(v: &[T], d: T) -> Vec<T> {
 
 /// Runs the sweep under `out`; returns the rows sorted best first.
 pub fn sweep(base: &TrainConfig, grid: &Grid, out: &Path, dev: &Device) -> anyhow::Result<Vec<Row>> {
+    anyhow::ensure!(
+        base.refit != Refit::All,
+        "a sweep ranks recipes on validation, and --refit all trains on it (use --refit half or off)"
+    );
     std::fs::create_dir_all(out)?;
     let mut rows: Vec<Row> = Vec::new();
     let mut best: Option<(f64, PathBuf)> = None;
