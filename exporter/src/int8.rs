@@ -21,8 +21,8 @@ use inference::evaluate::{scores, Scores};
 use inference::OnnxModel;
 use models::weights::ModelDir;
 use modelspec::onnx_meta::{self, Precision};
-use modelspec::ModelDescription;
 use modelspec::preprocess::image_files;
+use modelspec::ModelDescription;
 use prost::Message;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -280,8 +280,15 @@ impl<'a> Verifier<'a> {
         weights: &graph::Weights,
         toolchain: &str,
     ) -> anyhow::Result<Self> {
-        let mut v =
-            Self { o, q, files: vec![], folder: PathBuf::new(), float_pred: None, float_model: None, classes: desc.classes.len() };
+        let mut v = Self {
+            o,
+            q,
+            files: vec![],
+            folder: PathBuf::new(),
+            float_pred: None,
+            float_model: None,
+            classes: desc.classes.len(),
+        };
         if !o.verify {
             return Ok(v);
         }
@@ -293,8 +300,8 @@ impl<'a> Verifier<'a> {
                 o.out.display()
             ),
         };
-        v.files = labelled(&v.folder, &desc.classes)
-            .with_context(|| format!("{} was left unchanged", o.out.display()))?;
+        v.files =
+            labelled(&v.folder, &desc.classes).with_context(|| format!("{} was left unchanged", o.out.display()))?;
         let mut float_props = onnx_meta::properties(desc, o.input_type, o.model_version, toolchain);
         float_props.extend(crate::flip_property(o));
         v.float_model = Some(graph::build(

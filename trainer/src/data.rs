@@ -106,7 +106,7 @@ impl Dataset {
                 let mut kept = Vec::new();
                 for s in validation.drain(..) {
                     let k = &mut seen[s.label];
-                    if *k % 2 == 0 {
+                    if k.is_multiple_of(2) {
                         train.push(s);
                     } else {
                         kept.push(s);

@@ -369,9 +369,9 @@ pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
             "refit half: every other validation photo trains; validation reports the other {}",
             ds.splits[1].len()
         ),
-        Refit::All => tracing::warn!(
-            "refit all: the validation photos train too; validation figures are on photos trained on"
-        ),
+        Refit::All => {
+            tracing::warn!("refit all: the validation photos train too; validation figures are on photos trained on")
+        }
     }
     let base_dir =
         ModelDir::load(&cfg.base, dev).with_context(|| format!("loading the base model {}", cfg.base.display()))?;
