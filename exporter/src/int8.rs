@@ -166,6 +166,9 @@ pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Export
             q.weight_bits
         );
     }
+    let toolchain = format!("{PRODUCER} {} (opset {})", env!("CARGO_PKG_VERSION"), graph::OPSET);
+    // Before the calibration's minutes: a missing verification folder fails at once.
+    let mut verifier = Verifier::new(o, q, &desc, &weights, &toolchain)?;
     let (photos, source) = calibrate::photos(&q.calibration, &desc)?;
     let t = std::time::Instant::now();
     let calibrated = calibrate::calibrate(&o.run_dir, &photos, &q.calibration)?;
@@ -175,7 +178,6 @@ pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Export
         calibrated.used,
         t.elapsed().as_secs_f64()
     );
-    let toolchain = format!("{PRODUCER} {} (opset {})", env!("CARGO_PKG_VERSION"), graph::OPSET);
     let keep: HashSet<String> = q.keep_float.iter().cloned().collect();
     // Neither method is safe alone (docs/training.md: on one model MinMax passes and the
     // percentile fails, on another the reverse), so a file that fails its verification gets one
@@ -183,7 +185,6 @@ pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Export
     // choose between two passing files, the first that passes is kept.
     let first = q.calibration.method;
     let methods = if q.fallback && o.verify { vec![first, first.other()] } else { vec![first] };
-    let mut verifier = Verifier::new(o, q, &desc, &weights, &toolchain)?;
     let mut failed: Vec<Int8Report> = Vec::new();
     for method in methods {
         let ranges = calibrated.ranges(method);
