@@ -290,6 +290,15 @@ impl TrainConfig {
         if self.inner == 0 {
             return bad("inner", "must be positive".into());
         }
+        for (field, pc) in [("head.schedule", &self.head), ("fine_tune.schedule", &self.fine_tune)] {
+            if self.refit != Refit::Off && pc.schedule == Schedule::ReduceOnPlateau {
+                return bad(
+                    field,
+                    "reduce-on-plateau follows the validation loss, which a refit trains on (use cosine or constant)"
+                        .into(),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -309,5 +318,21 @@ impl TrainConfig {
     /// The configuration as TOML, as saved in the run directory.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a config always serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refit_refuses_a_schedule_that_follows_validation() {
+        let mut c = TrainConfig { refit: Refit::All, ..Default::default() };
+        c.validate().unwrap();
+        c.fine_tune.schedule = Schedule::ReduceOnPlateau;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("fine_tune.schedule") && e.contains("refit"), "{e}");
+        c.refit = Refit::Off;
+        c.validate().unwrap();
     }
 }
