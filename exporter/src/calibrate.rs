@@ -144,6 +144,11 @@ pub struct Calibrated {
 }
 
 impl Calibrated {
+    /// How many activations were calibrated.
+    pub fn activations(&self) -> usize {
+        self.stats.len()
+    }
+
     /// The activation ranges of `method` (the percentile is the one of the pass).
     pub fn ranges(&self, method: Method) -> TapRanges {
         self.stats

@@ -174,7 +174,7 @@ pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Export
     let calibrated = calibrate::calibrate(&o.run_dir, &photos, &q.calibration)?;
     tracing::info!(
         "calibrated {} activations on {} photos from {source} in {:.0} s",
-        calibrated.ranges(q.calibration.method).len(),
+        calibrated.activations(),
         calibrated.used,
         t.elapsed().as_secs_f64()
     );

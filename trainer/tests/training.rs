@@ -407,7 +407,17 @@ fn refit_trains_on_validation_photos_for_all_epochs() {
     assert_eq!(m["refit"], "half");
     let history: serde_json::Value =
         serde_json::from_slice(&std::fs::read(cfg.out.join("history.json")).unwrap()).unwrap();
-    assert_eq!(history.as_array().unwrap().len(), 6);
+    let history = history.as_array().unwrap();
+    assert_eq!(history.len(), 6);
+    // The weights kept are the last epoch's: the final report is that epoch's validation.
+    assert_eq!(m["validation"]["accuracy"].as_f64(), history[5]["val_acc"].as_f64(), "{m}");
+    // Without refit the same settings stop early, so the checks above are not vacuous.
+    let mut off = cfg.clone();
+    off.out = root.join("off");
+    off.refit = trainer::config::Refit::Off;
+    trainer::train::run(&off, false, &Device::Cpu).unwrap();
+    let (m_off, _) = results(&off.out);
+    assert!(m_off["epochs"].as_u64().unwrap() < 6, "patience 1 did not stop the plain run: {m_off}");
 
     let mut all = cfg.clone();
     all.out = root.join("all");
