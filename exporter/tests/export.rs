@@ -207,6 +207,7 @@ fn small_trained_model_exports_with_the_trainers_accuracy_and_a_triton_layout() 
         ort_lib: None,
         batch: 6,
         flip: true,
+        image_size: None,
     };
     let tf = &trainer::eval::evaluate(&o).unwrap()[0];
     assert_eq!(evflip.correct, (0..3).map(|c| tf.report.confusion[c][c]).sum::<usize>());

@@ -32,6 +32,8 @@ pub struct EvalOptions {
     pub batch: usize,
     /// Average each photo's probabilities with its mirror image's (test-time flip averaging).
     pub flip: bool,
+    /// Test-time input size instead of the run's own (`None`: the run's).
+    pub image_size: Option<usize>,
 }
 
 /// The metrics of one folder.
@@ -46,6 +48,8 @@ pub struct FolderReport {
     pub engine: String,
     /// Whether each photo's prediction averaged it with its mirror image.
     pub flip: bool,
+    /// The side the photos were resized to.
+    pub image_size: usize,
     /// The runs whose probabilities were averaged (more than one: an ensemble).
     pub runs: Vec<PathBuf>,
     pub report: Report,
@@ -183,11 +187,17 @@ fn argmax_rows(p: &[Vec<f32>]) -> Vec<u32> {
 
 /// Evaluates the run (or the ensemble of `run_dir` and `with`) on every folder.
 pub fn evaluate(o: &EvalOptions) -> anyhow::Result<Vec<FolderReport>> {
+    if let Some(s) = o.image_size.filter(|s| !(models::layers::MIN_INPUT_SIZE..=4096).contains(s)) {
+        bail!("--image-size {s}: out of range ({}..=4096)", models::layers::MIN_INPUT_SIZE);
+    }
     let runs: Vec<PathBuf> = std::iter::once(o.run_dir.clone()).chain(o.with.iter().cloned()).collect();
     let (mut nets, mut desc, mut engine) = (Vec::new(), None::<ModelDescription>, String::new());
     for run in &runs {
-        let dir = ModelDir::load(run, &Device::Cpu)
+        let mut dir = ModelDir::load(run, &Device::Cpu)
             .with_context(|| format!("reading the model directory {}", run.display()))?;
+        if let Some(s) = o.image_size {
+            dir.description.input_size = s;
+        }
         let d = dir.description.clone();
         if d.head.is_none() {
             bail!("{}: a model without a classifier head has no classes to evaluate", run.display());
@@ -242,6 +252,7 @@ pub fn evaluate(o: &EvalOptions) -> anyhow::Result<Vec<FolderReport>> {
             unreadable,
             engine: engine.clone(),
             flip: o.flip,
+            image_size: desc.input_size,
             runs: runs.clone(),
             report,
             errors,

@@ -76,6 +76,10 @@ struct EvalArgs {
     /// Test-time flip averaging: each photo's probabilities averaged with its mirror image's.
     #[arg(long)]
     flip: bool,
+    /// Test-time resolution: photos resized to this side instead of the run's training size
+    /// (the network is fully convolutional up to its global pooling).
+    #[arg(long)]
+    image_size: Option<usize>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -287,12 +291,16 @@ fn main() -> anyhow::Result<()> {
                 ort_lib: a.ort_lib,
                 batch: a.batch,
                 flip: a.flip,
+                image_size: a.image_size,
             };
             let reports = trainer::eval::evaluate(&o)?;
             for r in &reports {
                 let mut only = r.only.as_ref().map(|p| format!(", files matching `{p}`")).unwrap_or_default();
                 if r.flip {
                     only += ", flip-averaged";
+                }
+                if a.image_size.is_some() {
+                    only += &format!(", at {} px", r.image_size);
                 }
                 if r.runs.len() > 1 {
                     only += &format!(", ensemble of {} runs", r.runs.len());

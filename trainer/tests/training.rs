@@ -163,7 +163,7 @@ fn cached_path_equals_direct_forward() {
     let reported: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
     let (sandals, nothing) = (regex::Regex::new("^sandal_").unwrap(), regex::Regex::new("^nothing").unwrap());
-    let mut flipped = Vec::new();
+    let (mut flipped, mut resized) = (Vec::new(), Vec::new());
     for engine in [trainer::config::CacheEngine::Onnxruntime, trainer::config::CacheEngine::Candle] {
         let o = trainer::eval::EvalOptions {
             run_dir: out.clone(),
@@ -174,9 +174,17 @@ fn cached_path_equals_direct_forward() {
             ort_lib: Some(ort_lib()),
             batch: 5,
             flip: false,
+            image_size: None,
         };
         let r = &trainer::eval::evaluate(&o).unwrap()[0];
         assert_eq!(r.report.count, 12);
+        // At another test-time resolution (the network is convolutional up to its pooling).
+        let big =
+            &trainer::eval::evaluate(&trainer::eval::EvalOptions { image_size: Some(96), ..o.clone() }).unwrap()[0];
+        assert_eq!((big.report.count, big.image_size, r.image_size), (12, 96, 71));
+        resized.push(big.report.confusion.clone());
+        let e = trainer::eval::evaluate(&trainer::eval::EvalOptions { image_size: Some(40), ..o.clone() }).unwrap_err();
+        assert!(e.to_string().contains("--image-size 40: out of range"), "{e:#}");
         // Flip averaging: every photo and its mirror; both engines agree on the outcome.
         let f = &trainer::eval::evaluate(&trainer::eval::EvalOptions { flip: true, ..o.clone() }).unwrap()[0];
         assert!(f.flip && f.report.count == 12);
@@ -196,6 +204,7 @@ fn cached_path_equals_direct_forward() {
         assert!(e.contains("no images whose name matches `^nothing`"), "{e}");
     }
     assert_eq!(flipped[0], flipped[1], "flip-averaged predictions of ONNX Runtime and Candle");
+    assert_eq!(resized[0], resized[1], "96 px predictions of ONNX Runtime and Candle");
 
     // A second member of the same seed: the same caches and phase 1, another phase 2.
     let cache_files = || std::fs::read_dir(&cfg.feature_cache).unwrap().count();
@@ -231,6 +240,7 @@ fn cached_path_equals_direct_forward() {
         ort_lib: Some(ort_lib()),
         batch: 5,
         flip: false,
+        image_size: None,
     };
     let alone = &trainer::eval::evaluate(&o).unwrap()[0];
     let twice =
