@@ -238,14 +238,18 @@ pub fn disk_keys(images: &Images, spec: &CacheSpec, base_weights: &Path, engine:
         digest(p);
     }
     digest(base_weights);
+    // The seed, stream and augmentation draw the augmented variants only: a cache of the
+    // originals alone (validation, test, or augmentation off) is shared by every seed.
+    let draws = if spec.variants > 1 && spec.augment.enabled {
+        format!("{}|{}|{:?}", spec.seed, spec.stream, spec.augment)
+    } else {
+        "originals".into()
+    };
     h.update(format!(
-        "v2|{}|{}|{}|{}|{}|{:?}|{:?}|{:?}|{engine}",
+        "v2|{}|{}|{draws}|{}|{:?}|{:?}|{engine}",
         images.size,
         spec.variants,
-        spec.seed,
-        spec.stream,
         images.len(),
-        spec.augment,
         spec.prep,
         spec.dtype,
     ));

@@ -340,6 +340,20 @@ fn onnxruntime_cache_matches_candle_and_streams_from_disk() {
     let mut ort = trainer::features::Engine::OnnxRuntime { session: Box::new(session), upto: 11, check: &frozen };
     let mut candle = trainer::features::Engine::Candle(&frozen);
     let keys = trainer::features::disk_keys(&imgs, &spec, &base().join("model.safetensors"), &ort.name());
+    // The seed and the split's stream draw the augmented variants: they are in the key of a
+    // cache that holds augmented variants, not in that of the originals alone (validation and
+    // test caches are shared by every seed).
+    let key = |variants, seed, stream, augment: &trainer::augment::AugmentConfig| {
+        let s = trainer::features::CacheSpec { variants, seed, stream, augment, ..spec };
+        trainer::features::disk_keys(&imgs, &s, &base().join("model.safetensors"), &ort.name())
+    };
+    let off = trainer::augment::AugmentConfig { enabled: false, ..aug.clone() };
+    assert_eq!(key(2, 3, 0, &aug), keys);
+    assert_ne!(key(2, 4, 0, &aug), keys);
+    assert_ne!(key(2, 3, 1, &aug), keys);
+    assert_ne!(key(1, 3, 0, &aug), keys);
+    assert_eq!(key(1, 3, 0, &aug), key(1, 4, 1, &off));
+    assert_eq!(key(2, 3, 0, &off), key(2, 4, 0, &off));
     let a = trainer::features::build(&mut ort, &imgs, &spec, Some((&root, &keys)), "ort", &dev).unwrap();
     let b = trainer::features::build(&mut candle, &imgs, &spec, None, "candle", &dev).unwrap();
     assert_eq!((a.items(), a.map_dims), (24, [6, 6, 728]));
