@@ -239,20 +239,15 @@ pub fn disk_keys(images: &Images, spec: &CacheSpec, base_weights: &Path, engine:
     }
     digest(base_weights);
     // The seed, stream and augmentation draw the augmented variants only: a cache of the
-    // originals alone (validation, test, or augmentation off) is shared by every seed.
-    let draws = if spec.variants > 1 && spec.augment.enabled {
-        format!("{}|{}|{:?}", spec.seed, spec.stream, spec.augment)
+    // originals alone (validation, test, or augmentation off) is shared by every seed. (The
+    // augmented caches keep the key format of before, so that they stay valid.)
+    let (size, n, variants, prep, dtype) = (images.size, images.len(), spec.variants, spec.prep, spec.dtype);
+    h.update(if variants > 1 && spec.augment.enabled {
+        let (seed, stream, augment) = (spec.seed, spec.stream, spec.augment);
+        format!("v2|{size}|{variants}|{seed}|{stream}|{n}|{augment:?}|{prep:?}|{dtype:?}|{engine}")
     } else {
-        "originals".into()
-    };
-    h.update(format!(
-        "v2|{}|{}|{draws}|{}|{:?}|{:?}|{engine}",
-        images.size,
-        spec.variants,
-        images.len(),
-        spec.prep,
-        spec.dtype,
-    ));
+        format!("v2|{size}|{variants}|originals|{n}|{prep:?}|{dtype:?}|{engine}")
+    });
     let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
     let pooled = h.finalize();
     let maps = Sha256::digest(format!("{}|maps f16 upto {}", hex(&pooled), spec.upto));
