@@ -4,7 +4,7 @@
 #      weights and ONNX Runtime (once, cached in weights/ and .local/),
 #   2. fine-tune Xception on the footwear photos (trainer; by default the 13,200 photos of
 #      ../shared/data/footwear-15k, 40 minutes on 2 Zen 5 EPYC cores, about 52 on older ones,
-#      53-54 on 2 Intel Xeon cores of session 15:
+#      52.5 on 2 Intel Xeon cores (session 15):
 #      docs/training.md),
 #   3. export the run to a verified model.onnx (float32) and model.int8.onnx (int8, for CPUs), check
 #      their test accuracy through ONNX Runtime, on the whole test split and, with the trainer,
