@@ -7,6 +7,7 @@
 
 pub mod onnx_meta;
 pub mod preprocess;
+pub mod splits;
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -100,22 +101,46 @@ string_enum! {
     }
 }
 
+string_enum! {
+    /// How a photo is fitted to the square input.
+    pub enum Fit {
+        /// The whole photo resized to the square, aspect ratio not kept (Keras'
+        /// `image_dataset_from_directory`).
+        Stretch = "stretch",
+        /// The centre square of the photo (its shorter side), then resized: the shape is kept and
+        /// the edges of the longer side are cut (torchvision's `Resize` + `CenterCrop`).
+        Crop = "crop",
+    }
+}
+
+impl Default for Fit {
+    /// What every file written before this field did.
+    fn default() -> Self {
+        Fit::Stretch
+    }
+}
+
 /// How pixels become the network's input.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Preprocessing {
     /// Colour channels, in order.
     pub color: Color,
-    /// Resize filter used to bring an image to `input_size` x `input_size` (aspect not kept).
+    /// Resize filter used to bring an image to `input_size` x `input_size`.
     pub resize: Resize,
+    /// How the photo is fitted to the square before the resize (absent in files written
+    /// before it: `stretch`).
+    #[serde(default)]
+    pub fit: Fit,
     /// `x * scale + offset` on 0-255 pixel values.
     pub scale: f32,
     pub offset: f32,
 }
 
 impl Default for Preprocessing {
-    /// Xception's: RGB, bilinear resize, `x / 127.5 - 1` into [-1, 1].
+    /// Xception's: RGB, the whole photo stretched to the square (bilinear), `x / 127.5 - 1`
+    /// into [-1, 1].
     fn default() -> Self {
-        Self { color: Color::Rgb, resize: Resize::Bilinear, scale: 1.0 / 127.5, offset: -1.0 }
+        Self { color: Color::Rgb, resize: Resize::Bilinear, fit: Fit::Stretch, scale: 1.0 / 127.5, offset: -1.0 }
     }
 }
 

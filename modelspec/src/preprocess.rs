@@ -1,12 +1,13 @@
 //! Preprocessing, written once for the trainer, the exporter and the runtime: decode → RGB →
-//! resize to the model's square input (bilinear, aspect ratio not kept, as Keras'
-//! `image_dataset_from_directory` does) → `x * scale + offset`, channels last (HWC).
+//! fit to the model's square input (the whole photo stretched, as Keras'
+//! `image_dataset_from_directory` does, or its centre square, as torchvision users crop) and
+//! resize (bilinear) → `x * scale + offset`, channels last (HWC).
 //!
 //! Also the two ways images reach it: [`image_files`], the one folder walk every step uses, and
 //! [`decode_batch`], the one loop that turns a list of files or encoded images into one batch
 //! of resized pixels, listing the ones it could not read.
 
-use crate::{Preprocessing, Resize};
+use crate::{Fit, Preprocessing, Resize};
 use image::imageops::FilterType;
 use rayon::prelude::*;
 use std::collections::HashSet;
@@ -188,16 +189,26 @@ pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<image::RgbImage
     Ok(img.to_rgb8())
 }
 
-/// Resizes to `size` x `size` with the filter the description names.
+/// Brings a photo to `size` x `size`: the whole photo or its centre square ([`Fit`]), resized
+/// with the filter the description names.
 pub fn resize(img: &image::RgbImage, size: u32, p: &Preprocessing) -> image::RgbImage {
     let filter = match p.resize {
         Resize::Nearest => FilterType::Nearest,
         Resize::Bilinear => FilterType::Triangle,
     };
-    if img.width() == size && img.height() == size {
-        return img.clone();
+    let (w, h) = img.dimensions();
+    let (x, y, side_w, side_h) = match p.fit {
+        Fit::Stretch => (0, 0, w, h),
+        Fit::Crop => {
+            let side = w.min(h);
+            ((w - side) / 2, (h - side) / 2, side, side)
+        }
+    };
+    if side_w == size && side_h == size {
+        return image::imageops::crop_imm(img, x, y, size, size).to_image();
     }
-    image::imageops::resize(img, size, size, filter)
+    // A view, not a copy: the resize reads the centre square in place.
+    image::imageops::resize(&*image::imageops::crop_imm(img, x, y, side_w, side_h), size, size, filter)
 }
 
 /// Scales 8-bit RGB pixels to the network's input, HWC.
@@ -255,7 +266,21 @@ pub fn is_image_path(p: &Path) -> bool {
 /// left out. Links are followed (a data folder of links is common), but a folder already
 /// visited is not entered again, so a link loop ends the walk instead of recursing forever.
 pub fn image_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    fn walk(dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    Ok(files_under(dir)?.images)
+}
+
+/// What [`files_under`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Files with an image extension, sorted.
+    pub images: Vec<PathBuf>,
+    /// Other files (GIFs, text, ...), sorted: not read, but worth naming to whoever expected them.
+    pub others: Vec<PathBuf>,
+}
+
+/// The walk of [`image_files`], keeping the files it passes over.
+pub fn files_under(dir: &Path) -> std::io::Result<Listing> {
+    fn walk(dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Listing) -> std::io::Result<()> {
         if !seen.insert(std::fs::canonicalize(dir)?) {
             return Ok(());
         }
@@ -267,14 +292,17 @@ pub fn image_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             if path.is_dir() {
                 walk(&path, seen, out)?;
             } else if path.is_file() && is_image_path(&path) {
-                out.push(path);
+                out.images.push(path);
+            } else if path.is_file() {
+                out.others.push(path);
             }
         }
         Ok(())
     }
-    let mut out = Vec::new();
+    let mut out = Listing::default();
     walk(dir, &mut HashSet::new(), &mut out)?;
-    out.sort();
+    out.images.sort();
+    out.others.sort();
     Ok(out)
 }
 
@@ -367,6 +395,33 @@ pub fn decode_batch(sources: &[Source], size: u32, p: &Preprocessing, limits: &D
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `crop` keeps the centre square of the shorter side (the left and right thirds of a 3:1
+    /// photo are cut), `stretch` squeezes the whole photo; the photo's shape decides nothing
+    /// else.
+    #[test]
+    fn crop_keeps_the_centre_square_and_stretch_the_whole_photo() {
+        // 30x10: red, green, blue thirds.
+        let img = image::RgbImage::from_fn(30, 10, |x, _| match x / 10 {
+            0 => image::Rgb([255, 0, 0]),
+            1 => image::Rgb([0, 255, 0]),
+            _ => image::Rgb([0, 0, 255]),
+        });
+        let crop = Preprocessing { fit: Fit::Crop, ..Preprocessing::default() };
+        let c = resize(&img, 10, &crop);
+        assert!(c.pixels().all(|p| p.0 == [0, 255, 0]), "the crop is not the green centre");
+        let s = resize(&img, 10, &Preprocessing::default());
+        assert_eq!((s.get_pixel(0, 5).0, s.get_pixel(9, 5).0), ([255, 0, 0], [0, 0, 255]));
+        // A tall photo is cut at the top and bottom; a square one is the same either way.
+        let tall = image::RgbImage::from_fn(10, 30, |_, y| image::Rgb([(y / 10 * 100) as u8, 0, 0]));
+        assert!(resize(&tall, 5, &crop).pixels().all(|p| p.0 == [100, 0, 0]));
+        let square = image::RgbImage::from_fn(20, 20, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        assert_eq!(resize(&square, 8, &crop), resize(&square, 8, &Preprocessing::default()));
+        // A description written before `fit` existed reads as stretch.
+        let old: Preprocessing =
+            serde_json::from_str(r#"{"color":"RGB","resize":"bilinear","scale":0.007843138,"offset":-1.0}"#).unwrap();
+        assert_eq!(old.fit, Fit::Stretch);
+    }
 
     #[test]
     fn bad_bytes_are_clear_errors() {
