@@ -71,32 +71,50 @@ pub struct Calibration {
 /// `count` photos of `split/<class>/`, `count / classes` per class (the first classes one more
 /// when it does not divide), each class's files shuffled with `seed`.
 pub fn stratified(split: &Path, classes: &[String], count: usize, seed: u64) -> anyhow::Result<Vec<PathBuf>> {
-    let k = classes.len().max(1);
+    let files = crate::photos::labelled(split, classes).context("calibration photos")?;
+    stratified_files(&files, classes.len(), count, seed)
+        .with_context(|| format!("calibration: no photos under {}/<class>/", split.display()))
+}
+
+/// [`stratified`] from a list of labelled photos (in file-name order within each class).
+pub fn stratified_files(
+    files: &[(PathBuf, usize)],
+    classes: usize,
+    count: usize,
+    seed: u64,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let k = classes.max(1);
     let mut out = Vec::new();
-    for (i, class) in classes.iter().enumerate() {
-        let dir = split.join(class);
-        let mut files = image_files(&dir).with_context(|| format!("calibration photos: listing {}", dir.display()))?;
+    for i in 0..classes {
+        let mut mine: Vec<PathBuf> = files.iter().filter(|(_, l)| *l == i).map(|(f, _)| f.clone()).collect();
+        mine.sort();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
-        files.shuffle(&mut rng);
+        mine.shuffle(&mut rng);
         let want = count / k + usize::from(i < count % k);
-        out.extend(files.into_iter().take(want));
+        out.extend(mine.into_iter().take(want));
     }
     if out.is_empty() {
-        bail!("calibration: no photos under {}/<class>/", split.display());
+        bail!("no photos");
     }
     Ok(out)
 }
 
 /// The photos a calibration uses (see [`CalibrationOptions::photos`]).
-pub fn photos(o: &CalibrationOptions, desc: &ModelDescription) -> anyhow::Result<(Vec<PathBuf>, String)> {
+pub fn photos(
+    o: &CalibrationOptions,
+    run_dir: &Path,
+    desc: &ModelDescription,
+) -> anyhow::Result<(Vec<PathBuf>, String)> {
     if o.photos.is_empty() {
-        let Some(train) = desc.dataset.as_ref().map(|d| d.join("train")).filter(|d| d.is_dir()) else {
+        let Some((train, what)) = crate::photos::split_photos(run_dir, desc, modelspec::splits::Split::Train)? else {
             bail!(
-                "calibration needs photos: the model's description names no training folder ({:?}); pass --calibration-photos",
+                "calibration needs photos: the run names no training photos (data folder {:?}); pass --calibration-photos",
                 desc.dataset
             );
         };
-        return Ok((stratified(&train, &desc.classes, o.count, o.seed)?, train.display().to_string()));
+        let files = stratified_files(&train, desc.classes.len(), o.count, o.seed)
+            .with_context(|| format!("calibration: no photos in {what}"))?;
+        return Ok((files, what));
     }
     let mut files = Vec::new();
     for p in &o.photos {

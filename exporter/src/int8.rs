@@ -21,7 +21,6 @@ use inference::evaluate::{scores, Scores};
 use inference::OnnxModel;
 use models::weights::ModelDir;
 use modelspec::onnx_meta::{self, Precision};
-use modelspec::preprocess::image_files;
 use modelspec::ModelDescription;
 use prost::Message;
 use serde::Serialize;
@@ -38,7 +37,8 @@ pub struct Int8Options {
     /// 8 bits only on CPUs with VNNI (elsewhere ONNX Runtime's kernels saturate; see
     /// `onnxgraph::quant`).
     pub weight_bits: u8,
-    /// Labelled folder of the verification (`<class>/...`); default: the run's test split.
+    /// Labelled folder of the verification (`<class>/...`); default: the photos the run held out
+    /// (its test split, else validation: `photos::held_out`).
     pub verify_on: Option<PathBuf>,
     /// Least share of photos whose top class must equal the float file's.
     pub min_agreement: f64,
@@ -128,20 +128,6 @@ impl std::fmt::Display for Int8Report {
     }
 }
 
-/// The labelled image files of `folder/<class>/`.
-fn labelled(folder: &Path, classes: &[String]) -> anyhow::Result<Vec<(PathBuf, usize)>> {
-    let mut out = Vec::new();
-    for (label, class) in classes.iter().enumerate() {
-        let dir = folder.join(class);
-        let files = image_files(&dir).with_context(|| format!("verification photos: listing {}", dir.display()))?;
-        out.extend(files.into_iter().map(|f| (f, label)));
-    }
-    if out.is_empty() {
-        bail!("{}: no photos in the class folders {classes:?}", folder.display());
-    }
-    Ok(out)
-}
-
 /// Predicted class of each file that could be read.
 fn predictions(model: &mut OnnxModel, files: &[PathBuf]) -> anyhow::Result<HashMap<PathBuf, usize>> {
     let r = predict_files(model, files, 32)?;
@@ -169,7 +155,7 @@ pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Export
     let toolchain = format!("{PRODUCER} {} (opset {})", env!("CARGO_PKG_VERSION"), graph::OPSET);
     // Before the calibration's minutes: a missing verification folder fails at once.
     let mut verifier = Verifier::new(o, q, &desc, &weights, &toolchain)?;
-    let (photos, source) = calibrate::photos(&q.calibration, &desc)?;
+    let (photos, source) = calibrate::photos(&q.calibration, &o.run_dir, &desc)?;
     let t = std::time::Instant::now();
     let calibrated = calibrate::calibrate(&o.run_dir, &photos, &q.calibration)?;
     tracing::info!(
@@ -267,7 +253,8 @@ struct Verifier<'a> {
     q: &'a Int8Options,
     /// The labelled photos, and the float file's predictions on them (on the first use).
     files: Vec<(PathBuf, usize)>,
-    folder: PathBuf,
+    /// Where the verification photos came from (a folder, or a split of the run).
+    folder: String,
     float_pred: Option<HashMap<PathBuf, usize>>,
     float_model: Option<candle_onnx::onnx::ModelProto>,
     classes: usize,
@@ -285,7 +272,7 @@ impl<'a> Verifier<'a> {
             o,
             q,
             files: vec![],
-            folder: PathBuf::new(),
+            folder: String::new(),
             float_pred: None,
             float_model: None,
             classes: desc.classes.len(),
@@ -293,16 +280,18 @@ impl<'a> Verifier<'a> {
         if !o.verify {
             return Ok(v);
         }
-        v.folder = match (&q.verify_on, desc.dataset.as_ref().map(|d| d.join("test"))) {
-            (Some(f), _) => f.clone(),
-            (None, Some(t)) if t.is_dir() => t,
-            _ => bail!(
-                "int8 files are verified on labelled photos: the model names no test split; pass --verify-on FOLDER; {} was left unchanged",
-                o.out.display()
-            ),
+        let unchanged = || format!("{} was left unchanged", o.out.display());
+        (v.files, v.folder) = match &q.verify_on {
+            Some(f) => (crate::photos::labelled(f, &desc.classes).with_context(unchanged)?, f.display().to_string()),
+            None => match crate::photos::held_out(&o.run_dir, desc).with_context(unchanged)? {
+                Some(found) => found,
+                None => bail!(
+                    "int8 files are verified on labelled photos: the run names no test or validation photos; pass \
+                     --verify-on FOLDER; {} was left unchanged",
+                    o.out.display()
+                ),
+            },
         };
-        v.files =
-            labelled(&v.folder, &desc.classes).with_context(|| format!("{} was left unchanged", o.out.display()))?;
         let mut float_props = onnx_meta::properties(desc, o.input_type, o.model_version, toolchain);
         float_props.extend(crate::flip_property(o));
         v.float_model = Some(graph::build(
@@ -400,7 +389,7 @@ impl<'a> Verifier<'a> {
             calibration: calibration.clone(),
             graph: summary.clone(),
             optimized_ops,
-            folder: self.folder.display().to_string(),
+            folder: self.folder.clone(),
             images: both.len(),
             agreement,
             float32: fs,

@@ -4,6 +4,7 @@
 pub mod calibrate;
 pub use onnxgraph as graph;
 pub mod int8;
+pub mod photos;
 pub mod triton;
 pub mod verify;
 
@@ -28,8 +29,8 @@ pub struct ExportOptions {
     pub model_version: i64,
     /// Verify before the file replaces the previous one.
     pub verify: bool,
-    /// Sample images for the verification (files or folders); empty: the test split of the
-    /// folder the model was trained on (its description's `dataset`), else synthetic images.
+    /// Sample images for the verification (files or folders); empty: the photos the run held
+    /// out (its test split, else its validation split: `photos::held_out`), else synthetic images.
     pub samples: Vec<PathBuf>,
     pub max_samples: usize,
     /// Also run the file through candle-onnx.
@@ -116,9 +117,10 @@ pub fn export(o: &ExportOptions) -> anyhow::Result<Exported> {
     if o.verify {
         let samples = if !o.samples.is_empty() {
             verify::Samples::from_paths(&o.samples, desc, o.max_samples).map_err(cleanup)?
-        } else if let Some(test) = desc.dataset.as_ref().map(|d| d.join("test")).filter(|d| d.is_dir()) {
+        } else if let Some((files, _)) = photos::held_out(&o.run_dir, desc).map_err(cleanup)? {
             let per_class = (o.max_samples / desc.classes.len().max(1)).max(1);
-            verify::Samples::from_split(&test, desc, per_class).map_err(cleanup)?
+            let files = photos::per_class(&files, desc.classes.len(), per_class);
+            verify::Samples::from_paths(&files, desc, usize::MAX).map_err(cleanup)?
         } else {
             verify::Samples::synthetic(desc, o.max_samples.min(4))
         };

@@ -43,17 +43,6 @@ impl Samples {
         Ok(Samples { names: files.iter().map(|f| f.display().to_string()).collect(), pixels })
     }
 
-    /// Up to `per_class` images of each class folder of `dir` (a labelled split).
-    pub fn from_split(dir: &Path, desc: &ModelDescription, per_class: usize) -> anyhow::Result<Self> {
-        let mut paths = Vec::new();
-        for class in &desc.classes {
-            let class_dir = dir.join(class);
-            let files = image_files(&class_dir).with_context(|| format!("samples {}", class_dir.display()))?;
-            paths.extend(files.into_iter().take(per_class));
-        }
-        Self::from_paths(&paths, desc, usize::MAX)
-    }
-
     /// Deterministic synthetic images (gradients and noise) when no photo is at hand.
     pub fn synthetic(desc: &ModelDescription, n: usize) -> Self {
         let s = desc.input_size;

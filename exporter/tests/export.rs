@@ -125,15 +125,16 @@ fn small_trained_model_exports_with_the_trainers_accuracy_and_a_triton_layout() 
         data: data.clone(),
         base: weights("xception-imagenet"),
         out: root.join("run"),
-        image_size: 71,
-        variants: 1,
+        image_size: 71.into(),
+        variants: 1.into(),
         fine_tune_from: 14,
         batch_size: 6,
         feature_cache: "".into(),
+        name: "footwear".into(),
         ..Default::default()
     };
-    cfg.head.epochs = 3;
-    cfg.fine_tune.epochs = 1;
+    cfg.head.epochs = 3.into();
+    cfg.fine_tune.epochs = 1.into();
     let outcome = trainer::train::run(&cfg, false, &Device::Cpu).unwrap();
 
     let out = root.join("model.onnx");
@@ -202,6 +203,7 @@ fn small_trained_model_exports_with_the_trainers_accuracy_and_a_triton_layout() 
         run_dir: cfg.out.clone(),
         with: vec![],
         folders: vec![data.join("test")],
+        split: None,
         only: None,
         engine: trainer::config::CacheEngine::Candle,
         ort_lib: None,
@@ -213,6 +215,92 @@ fn small_trained_model_exports_with_the_trainers_accuracy_and_a_triton_layout() 
     assert_eq!(evflip.correct, (0..3).map(|c| tf.report.confusion[c][c]).sum::<usize>());
 
     int8_files(&cfg.out, &root, &e);
+}
+
+/// A run on class folders alone (splits carved by the trainer) with photos cropped to their
+/// centre square: the exporter takes its verification photos from the run's carved test split
+/// (splits.csv), calibrates int8 on its carved training photos, writes the crop into the
+/// metadata, and ONNX Runtime, decoding as the runtime does, gives the trainer's test accuracy.
+#[test]
+fn a_carved_cropped_run_exports_from_its_own_splits() {
+    let root = tmp("carved");
+    let linked = root.join("linked");
+    testkit::link_subset(&testkit::footwear(), &linked, 6).unwrap();
+    let flat = root.join("shop-photos");
+    for split in ["train", "validation", "test"] {
+        for class in ["boot", "sandal", "shoe"] {
+            std::fs::create_dir_all(flat.join(class)).unwrap();
+            for f in std::fs::read_dir(linked.join(split).join(class)).unwrap() {
+                let f = f.unwrap().path();
+                let to = flat.join(class).join(format!("{split}-{}", f.file_name().unwrap().to_string_lossy()));
+                std::os::unix::fs::symlink(std::fs::canonicalize(&f).unwrap(), to).unwrap();
+            }
+        }
+    }
+    let mut cfg = trainer::config::TrainConfig {
+        data: flat.clone(),
+        base: weights("xception-imagenet"),
+        out: root.join("run"),
+        image_size: 71.into(),
+        resize: modelspec::Fit::Crop,
+        variants: 1.into(),
+        fine_tune_from: 14,
+        batch_size: 6,
+        feature_cache: "".into(),
+        ..Default::default()
+    };
+    cfg.head.epochs = 3.into();
+    cfg.fine_tune.epochs = 0.into();
+    let outcome = trainer::train::run(&cfg, false, &Device::Cpu).unwrap();
+    let rows = modelspec::splits::read(&cfg.out.join("splits.csv")).unwrap();
+    let test: Vec<&modelspec::splits::SplitRow> =
+        rows.iter().filter(|r| r.split == modelspec::splits::Split::Test).collect();
+    assert_eq!(test.len(), 9, "15% of 18 photos per class, rounded: 3 each");
+
+    let out = root.join("model.onnx");
+    let e = export(&options(&cfg.out, &out)).unwrap();
+    let r = e.report.unwrap();
+    assert!(r.passed, "{r}");
+    // Its samples are the carved test photos.
+    let held_out: Vec<String> = test.iter().map(|r| flat.join(&r.path).display().to_string()).collect();
+    assert!(r.samples.iter().all(|s| held_out.contains(s)), "{:?} not among {held_out:?}", r.samples);
+    let m = OnnxModel::load(&out, &ort()).unwrap();
+    assert_eq!(m.info.description.name, "shop-photos", "named after the data folder");
+    assert_eq!(m.info.preprocessing.steps.fit, modelspec::Fit::Crop);
+    drop(m);
+    // ONNX Runtime on the carved test photos, each decoded and cropped as the runtime does.
+    let by_class = root.join("held-out");
+    for r in &test {
+        std::fs::create_dir_all(by_class.join(&r.class)).unwrap();
+        let src = flat.join(&r.path);
+        std::os::unix::fs::symlink(
+            std::fs::canonicalize(&src).unwrap(),
+            by_class.join(&r.class).join(src.file_name().unwrap()),
+        )
+        .unwrap();
+    }
+    let ev = evaluate(&out, &by_class, &ort());
+    assert_eq!(ev.images, 9);
+    assert_eq!(ev.accuracy, outcome.test.as_ref().unwrap().accuracy, "ONNX Runtime vs trainer, cropped photos");
+
+    // int8: calibrated on the carved training photos, verified on the carved test photos.
+    let q = exporter::int8::Int8Options {
+        calibration: exporter::calibrate::CalibrationOptions { count: 9, ..Default::default() },
+        min_agreement: 0.5,
+        max_accuracy_drop: 0.5,
+        ..Default::default()
+    };
+    let (_, r) = exporter::int8::export_int8(&options(&cfg.out, &root.join("model.int8.onnx")), &q).unwrap();
+    let r = r.unwrap();
+    assert!(r.passed, "{r}");
+    assert_eq!((r.images, r.calibration.photos), (9, 9));
+    assert!(
+        r.folder.contains("splits.csv") && r.calibration.source.contains("train split"),
+        "{} / {}",
+        r.folder,
+        r.calibration.source
+    );
+    std::fs::remove_dir_all(root).unwrap();
 }
 
 /// int8: calibrated on the run's training photos through the Candle model, verified on its test
