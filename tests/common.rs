@@ -48,14 +48,15 @@ pub fn trained() -> &'static Trained {
             data: data.clone(),
             base: testkit::weights("xception-imagenet"),
             out: dir.join("run"),
-            image_size: 96,
-            variants: 1,
+            image_size: 96.into(),
+            variants: 1.into(),
+            name: "footwear".into(),
             batch_size: 16,
             feature_cache: "".into(),
             ..Default::default()
         };
-        cfg.fine_tune.epochs = 0;
-        cfg.head.epochs = 25;
+        cfg.fine_tune.epochs = 0.into();
+        cfg.head.epochs = 25.into();
         let outcome = trainer::train::run(&cfg, false, &Device::Cpu).expect("training the small model");
         let onnx = dir.join("model.onnx");
         export(&cfg.out, &onnx, 7, false);

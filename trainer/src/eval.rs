@@ -24,6 +24,9 @@ pub struct EvalOptions {
     /// the average of every run's probabilities (an ensemble).
     pub with: Vec<PathBuf>,
     pub folders: Vec<PathBuf>,
+    /// A split of the run itself (its `splits.csv`: what it held out, carved or not), evaluated
+    /// after the folders.
+    pub split: Option<modelspec::splits::Split>,
     /// Only files whose name (not the folder) matches.
     pub only: Option<regex::Regex>,
     /// ONNX Runtime (`auto`: when found) or Candle.
@@ -53,8 +56,13 @@ pub struct FolderReport {
     /// The runs whose probabilities were averaged (more than one: an ensemble).
     pub runs: Vec<PathBuf>,
     pub report: Report,
-    /// The files predicted wrong: (path, true class, predicted class).
-    pub errors: Vec<(PathBuf, String, String)>,
+    /// The files predicted wrong, most confident first.
+    pub errors: Vec<crate::report::Mistake>,
+    /// The run's own split evaluated (`--split`), `None` for a folder.
+    pub split: Option<modelspec::splits::Split>,
+    /// Files of the folder that the run trained on (by its `splits.csv`): figures on them are
+    /// not figures on new photos.
+    pub trained_on: usize,
 }
 
 /// The labelled files of `folder`: every image under `folder/<class>/`, filtered by `only`.
@@ -87,6 +95,46 @@ pub fn labelled_files(
         );
     }
     Ok(out)
+}
+
+/// The photos of one split of the run, from its `splits.csv`.
+fn run_split(
+    o: &EvalOptions,
+    desc: &ModelDescription,
+    split: modelspec::splits::Split,
+) -> anyhow::Result<Vec<(PathBuf, u32)>> {
+    let root =
+        desc.dataset.as_ref().with_context(|| format!("{}: the run names no data folder", o.run_dir.display()))?;
+    let Some(files) = modelspec::splits::photos_of(&o.run_dir, root, &desc.classes, split)? else {
+        bail!(
+            "{}: no {} (a run written before splits were recorded): give the folder instead",
+            o.run_dir.display(),
+            modelspec::splits::SPLITS_FILE
+        );
+    };
+    let files: Vec<(PathBuf, u32)> = files
+        .into_iter()
+        .filter(|(f, _)| {
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            o.only.as_ref().is_none_or(|re| re.is_match(&name))
+        })
+        .map(|(f, l)| (f, l as u32))
+        .collect();
+    if files.is_empty() {
+        bail!("{}: its {split} split has no photos (matching the pattern)", o.run_dir.display());
+    }
+    Ok(files)
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The files the run trained on (resolved: links to them count), empty without `splits.csv`.
+fn trained_on(run_dir: &Path, desc: &ModelDescription) -> anyhow::Result<std::collections::HashSet<PathBuf>> {
+    let Some(root) = desc.dataset.as_ref() else { return Ok(Default::default()) };
+    let train = modelspec::splits::photos_of(run_dir, root, &desc.classes, modelspec::splits::Split::Train)?;
+    Ok(train.unwrap_or_default().iter().map(|(f, _)| canonical(f)).collect())
 }
 
 /// The network that predicts.
@@ -218,11 +266,21 @@ pub fn evaluate(o: &EvalOptions) -> anyhow::Result<Vec<FolderReport>> {
         desc.get_or_insert(d);
     }
     let desc = desc.expect("at least the first run");
-    let mut reports = Vec::new();
+    type Target = (PathBuf, Option<modelspec::splits::Split>, Vec<(PathBuf, u32)>);
+    let mut targets: Vec<Target> = Vec::new();
     for folder in &o.folders {
-        let files = labelled_files(folder, &desc.classes, o.only.as_ref())?;
+        targets.push((folder.clone(), None, labelled_files(folder, &desc.classes, o.only.as_ref())?));
+    }
+    if let Some(split) = o.split {
+        let name = format!("{}: its {split} split", o.run_dir.display()).into();
+        targets.push((name, Some(split), run_split(o, &desc, split)?));
+    }
+    let trained = trained_on(&o.run_dir, &desc)?;
+    let mut reports = Vec::new();
+    for (folder, split, files) in &targets {
         let pb = Progress::new(files.len(), &format!("eval {}", folder.display()));
         let (mut pred, mut truth, mut paths, mut unreadable) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut probs = Vec::new();
         for chunk in files.chunks(o.batch.max(1)) {
             let sources: Vec<Source> = chunk.iter().map(|(f, _)| Source::File(f)).collect();
             let d = decode_batch(&sources, desc.input_size as u32, &desc.preprocessing, &DecodeLimits::default());
@@ -230,6 +288,7 @@ pub fn evaluate(o: &EvalOptions) -> anyhow::Result<Vec<FolderReport>> {
             if !d.decoded.is_empty() {
                 let p = mean_probabilities(&mut nets, &d.pixels, d.decoded.len(), &desc, o.flip)?;
                 pred.extend(argmax_rows(&p));
+                probs.extend(p);
                 for &i in &d.decoded {
                     truth.push(chunk[i].1);
                     paths.push(chunk[i].0.clone());
@@ -239,12 +298,15 @@ pub fn evaluate(o: &EvalOptions) -> anyhow::Result<Vec<FolderReport>> {
         }
         pb.finish();
         let report = metrics::evaluate(&pred, &truth, &desc.classes);
-        let errors = paths
-            .iter()
-            .zip(pred.iter().zip(&truth))
-            .filter(|(_, (p, t))| p != t)
-            .map(|(f, (p, t))| (f.clone(), desc.classes[*t as usize].clone(), desc.classes[*p as usize].clone()))
-            .collect();
+        let errors = crate::report::mistakes(&paths, &truth, &pred, &probs, &desc.classes);
+        let seen = files.iter().filter(|(f, _)| trained.contains(&canonical(f))).count();
+        if seen > 0 {
+            tracing::warn!(
+                "{}: {seen} of its {} photos are training photos of the run: its figures are not figures on new photos",
+                folder.display(),
+                files.len()
+            );
+        }
         reports.push(FolderReport {
             folder: folder.clone(),
             only: o.only.as_ref().map(|r| r.as_str().to_string()),
@@ -256,6 +318,8 @@ pub fn evaluate(o: &EvalOptions) -> anyhow::Result<Vec<FolderReport>> {
             runs: runs.clone(),
             report,
             errors,
+            split: *split,
+            trained_on: seen,
         });
     }
     Ok(reports)

@@ -241,17 +241,31 @@ pub fn disk_keys(images: &Images, spec: &CacheSpec, base_weights: &Path, engine:
     // The seed, stream and augmentation draw the augmented variants only: a cache of the
     // originals alone (validation, test, or augmentation off) is shared by every seed. (The
     // augmented caches keep the key format of before, so that they stay valid.)
-    let (size, n, variants, prep, dtype) = (images.size, images.len(), spec.variants, spec.prep, spec.dtype);
+    let (size, n, variants, prep, dtype) = (images.size, images.len(), spec.variants, prep_key(spec.prep), spec.dtype);
     h.update(if variants > 1 && spec.augment.enabled {
         let (seed, stream, augment) = (spec.seed, spec.stream, spec.augment);
-        format!("v2|{size}|{variants}|{seed}|{stream}|{n}|{augment:?}|{prep:?}|{dtype:?}|{engine}")
+        format!("v2|{size}|{variants}|{seed}|{stream}|{n}|{augment:?}|{prep}|{dtype:?}|{engine}")
     } else {
-        format!("v2|{size}|{variants}|originals|{n}|{prep:?}|{dtype:?}|{engine}")
+        format!("v2|{size}|{variants}|originals|{n}|{prep}|{dtype:?}|{engine}")
     });
     let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
     let pooled = h.finalize();
     let maps = Sha256::digest(format!("{}|maps f16 upto {}", hex(&pooled), spec.upto));
     (hex(&pooled), hex(&maps))
+}
+
+/// The preprocessing's part of a cache key: what `{:?}` printed before the photo's fit was a
+/// setting (so that the caches of stretched photos keep their keys), and the fit after it
+/// otherwise.
+fn prep_key(p: &Preprocessing) -> String {
+    let old = format!(
+        "Preprocessing {{ color: {:?}, resize: {:?}, scale: {:?}, offset: {:?} }}",
+        p.color, p.resize, p.scale, p.offset
+    );
+    match p.fit {
+        modelspec::Fit::Stretch => old,
+        fit => format!("{old}|fit {fit}"),
+    }
 }
 
 /// Header of the pooled features saved on disk (beside a raw little-endian f32 file).

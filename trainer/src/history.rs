@@ -14,6 +14,9 @@ pub struct Epoch {
     pub train_acc: f64,
     pub val_loss: f64,
     pub val_acc: f64,
+    /// Validation macro-F1 (0 in checkpoints written before it was kept).
+    #[serde(default)]
+    pub val_macro_f1: f64,
     pub seconds: f64,
 }
 

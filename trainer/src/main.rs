@@ -8,7 +8,7 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use trainer::config::{CacheEngine, ComputePrecision, OptimizerKind, Refit, Schedule, TrainConfig};
+use trainer::config::{Auto, CacheEngine, ClassWeights, ComputePrecision, OptimizerKind, Refit, Schedule, TrainConfig};
 
 #[global_allocator]
 static GLOBAL: models::alloc::Allocator = models::alloc::Allocator;
@@ -52,8 +52,12 @@ struct EvalArgs {
     #[arg(long = "with", value_name = "RUN_DIR")]
     with: Vec<PathBuf>,
     /// Labelled folders, one sub-folder per class.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "split")]
     folders: Vec<PathBuf>,
+    /// A split of the run itself, as recorded in its splits.csv (e.g. `test` when it was carved
+    /// from a folder of class folders).
+    #[arg(long, value_parser = clap::value_parser!(modelspec::splits::Split))]
+    split: Option<modelspec::splits::Split>,
     /// Only the files whose name matches this regular expression, e.g. the later photos of
     /// footwear-15k: '_(200[1-9]|20[1-9][0-9]|2[1-9][0-9]{2}|[3-9][0-9]{3})\.jpg$'
     #[arg(long)]
@@ -70,9 +74,13 @@ struct EvalArgs {
     /// Also write the reports (metrics, confusion matrices, misclassified files) as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// List every misclassified file.
+    /// List every misclassified file, and draw the most confident ones on a contact sheet
+    /// (`--errors-sheet`).
     #[arg(long)]
     errors: bool,
+    /// Where the contact sheet of `--errors` goes (default: RUN_DIR/errors_<folder>.png).
+    #[arg(long)]
+    errors_sheet: Option<PathBuf>,
     /// Test-time flip averaging: each photo's probabilities averaged with its mirror image's.
     #[arg(long)]
     flip: bool,
@@ -106,18 +114,37 @@ struct TrainArgs {
     /// TOML configuration file (fields left out keep their defaults).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Image folder with train/, validation/, test/.
+    /// Image folder: train/ with validation/ (or val/, valid/) and an optional test/; train/
+    /// alone; or class folders alone (missing splits are carved from the photos there are).
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Share of each class carved out for validation when the folder has no validation split.
+    #[arg(long)]
+    validation_fraction: Option<f64>,
+    /// Share of each class carved out for test when the folder has no validation split (0: none).
+    #[arg(long)]
+    test_fraction: Option<f64>,
+    /// The model's name (in the run, the ONNX file and the server's URLs; default: the data
+    /// folder's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// How a photo is fitted to the square input: `stretch` (the whole photo) or `crop` (its
+    /// centre square); the exported file and the runtime do the same.
+    #[arg(long, value_parser = clap::value_parser!(modelspec::Fit))]
+    resize: Option<modelspec::Fit>,
+    /// Class-weighted loss, the best epoch chosen on macro-F1 (auto: when classes differ more than 2:1).
+    #[arg(long, value_enum)]
+    class_weights: Option<ClassWeights>,
     /// Model directory of the ImageNet base.
     #[arg(long)]
     base: Option<PathBuf>,
     /// Run directory to write.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Square input size in pixels (>= 71).
+    /// Square input size in pixels (>= 71; auto: 299 for photos of 299 px and more in sets of up
+    /// to 20,000, else 224).
     #[arg(long)]
-    image_size: Option<usize>,
+    image_size: Option<Auto<usize>>,
     #[arg(long)]
     batch_size: Option<usize>,
     #[arg(long)]
@@ -134,30 +161,31 @@ struct TrainArgs {
     /// First block fine-tuned in phase 2 (13: the exit flow; --fine-tune-epochs 0 turns phase 2 off).
     #[arg(long)]
     fine_tune_from: Option<usize>,
-    /// Cached variants of each training image (original + augmented).
+    /// Cached variants of each training image (original + augmented; auto: from the photos).
     #[arg(long)]
-    variants: Option<usize>,
+    variants: Option<Auto<usize>>,
     /// Turn augmentation off.
     #[arg(long)]
     no_augment: bool,
-    /// Maximum epochs of phase 1 (head).
+    /// Maximum epochs of phase 1 (head; auto: from the optimiser steps an epoch).
     #[arg(long)]
-    head_epochs: Option<usize>,
+    head_epochs: Option<Auto<usize>>,
     /// Learning rate of phase 1.
     #[arg(long)]
     head_lr: Option<f64>,
-    /// Maximum epochs of phase 2 (fine-tuning; 0 skips it).
+    /// Maximum epochs of phase 2 (fine-tuning; 0 skips it; auto: from the steps an epoch).
     #[arg(long)]
-    fine_tune_epochs: Option<usize>,
+    fine_tune_epochs: Option<Auto<usize>>,
     /// Learning rate of phase 2.
     #[arg(long)]
     fine_tune_lr: Option<f64>,
     /// Label smoothing of the training loss.
     #[arg(long)]
     label_smoothing: Option<f64>,
-    /// Per-step moving average of the weights in phase 2 (0: off, e.g. 0.998).
+    /// Per-step moving average of the weights in phase 2 (0: off, e.g. 0.998; auto: from the
+    /// phase's steps).
     #[arg(long)]
-    fine_tune_ema: Option<f64>,
+    fine_tune_ema: Option<Auto<f64>>,
     /// Mixup of the cached block maps in phase 2: the Beta(a, a) parameter (0: off, e.g. 0.2).
     #[arg(long)]
     fine_tune_mixup: Option<f64>,
@@ -167,9 +195,9 @@ struct TrainArgs {
     /// Learning-rate schedule of both phases.
     #[arg(long, value_enum)]
     schedule: Option<Schedule>,
-    /// Early-stopping patience of both phases (epochs; 0: never stop early).
+    /// Early-stopping patience of both phases (epochs; 0: never stop early; auto: from the epochs).
     #[arg(long)]
-    patience: Option<usize>,
+    patience: Option<Auto<usize>>,
     /// Fail on an unreadable image instead of skipping it.
     #[arg(long)]
     strict: bool,
@@ -213,6 +241,11 @@ fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
         };
     }
     set!(data = a.data);
+    set!(validation_fraction = a.validation_fraction);
+    set!(test_fraction = a.test_fraction);
+    set!(name = a.name);
+    set!(resize = a.resize);
+    set!(class_weights = a.class_weights);
     set!(base = a.base);
     set!(out = a.out);
     set!(image_size = a.image_size);
@@ -259,6 +292,23 @@ fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     Ok(c)
 }
 
+/// A file-name part for a folder's contact sheet: its last two components (`test_boot`).
+fn sheet_name(folder: &std::path::Path) -> String {
+    let parts: Vec<String> = folder
+        .components()
+        .rev()
+        .take(2)
+        .map(|c| {
+            c.as_os_str()
+                .to_string_lossy()
+                .chars()
+                .map(|c| if c.is_alphanumeric() || c == '-' { c } else { '_' })
+                .collect()
+        })
+        .collect();
+    parts.into_iter().rev().collect::<Vec<_>>().join("_")
+}
+
 fn device(name: &str, precision: ComputePrecision) -> anyhow::Result<Device> {
     if precision == ComputePrecision::Bf16 && name == "cpu" {
         tracing::warn!(
@@ -278,14 +328,20 @@ fn main() -> anyhow::Result<()> {
     models::alloc::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        // The log on stderr, results on stdout; colours only for a terminal (a log file gets
+        // plain text).
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     match Cli::parse().cmd {
         Cmd::Eval(a) => {
+            let o_run = a.run_dir.clone();
             let o = trainer::eval::EvalOptions {
                 run_dir: a.run_dir,
                 with: a.with,
                 folders: a.folders,
+                split: a.split,
                 only: a.only,
                 engine: a.engine,
                 ort_lib: a.ort_lib,
@@ -310,9 +366,34 @@ fn main() -> anyhow::Result<()> {
                     println!("unreadable, skipped: {u}");
                 }
                 if a.errors {
-                    for (f, t, p) in &r.errors {
-                        println!("wrong: {} ({t}, predicted {p})", f.display());
+                    for m in &r.errors {
+                        println!(
+                            "wrong: {} ({}, predicted {} at {:.1}%)",
+                            m.path.display(),
+                            m.truth,
+                            m.predicted,
+                            100.0 * m.confidence
+                        );
                     }
+                    let sheet = match (&a.errors_sheet, reports.len()) {
+                        (Some(p), 1) => p.clone(),
+                        (Some(p), _) => p.with_file_name(format!(
+                            "{}_{}.png",
+                            p.file_stem().unwrap_or_default().to_string_lossy(),
+                            sheet_name(&r.folder)
+                        )),
+                        (None, _) => match r.split {
+                            Some(split) => o_run.join(format!("errors_eval_{split}.png")),
+                            None => o_run.join(format!("errors_{}.png", sheet_name(&r.folder))),
+                        },
+                    };
+                    let title = r.folder.display().to_string();
+                    if trainer::report::contact_sheet(&r.errors, &title, &sheet)? {
+                        println!("contact sheet of the errors: {}", sheet.display());
+                    }
+                }
+                if r.trained_on > 0 {
+                    println!("note: {} of these photos are training photos of the run (its splits.csv)", r.trained_on);
                 }
             }
             if let Some(p) = &a.json {
@@ -328,7 +409,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Sweep(a) => {
             let mut cfg = config(&a.train)?;
             if a.train.fine_tune_epochs.is_none() {
-                cfg.fine_tune.epochs = 0;
+                cfg.fine_tune.epochs = Auto::Set(0);
             }
             let dev = device(&a.train.device, cfg.precision)?;
             let grid = trainer::sweep::Grid {
@@ -358,8 +439,13 @@ fn main() -> anyhow::Result<()> {
             println!("\nvalidation:\n{}", o.validation.table());
             match &o.test {
                 Some(t) => println!("test:\n{}", t.table()),
-                None => println!("test: not evaluated (--skip-test)"),
+                None if o.has_test_split => println!("test: not evaluated (--skip-test)"),
+                None => println!(
+                    "test: none (the folder has no test split): the validation figure above is the final one, and \
+                     validation also chose the epochs"
+                ),
             }
+            println!("report: {}", o.run_dir.join("report.html").display());
             println!("run directory: {} ({:.0} s)", o.run_dir.display(), o.seconds);
         }
     }

@@ -1,5 +1,5 @@
 //! PNG pictures of a run: learning curves (loss, accuracy, learning rate per epoch, both
-//! phases) and the test confusion matrix. Text uses DejaVu Sans from the system (Debian's
+//! phases) and the confusion matrices. Text uses DejaVu Sans from the system (Debian's
 //! `fonts-dejavu-core`); without it the pictures are skipped with a warning.
 
 use crate::history::Epoch;
@@ -93,20 +93,31 @@ pub fn learning_curves(history: &[Epoch], path: &Path) -> Plot {
     Ok(())
 }
 
-/// The confusion matrix as a grid of counts, shaded by the share of each true class.
-pub fn confusion(report: &Report, path: &Path) -> Plot {
+/// The confusion matrix as a grid of counts, shaded by the share of each true class; `split`
+/// names it in the title.
+pub fn confusion(report: &Report, split: &str, path: &Path) -> Plot {
     if !font() {
         return Ok(());
     }
     let k = report.per_class.len();
     let cell = 110u32;
     let (left, top) = (130u32, 80u32);
-    let root = BitMapBackend::new(path, (left + cell * k as u32 + 30, top + cell * k as u32 + 30)).into_drawing_area();
+    // Wide enough for the title whatever the number of classes.
+    let width = (left + cell * k as u32 + 30).max(640);
+    let root = BitMapBackend::new(path, (width, top + cell * k as u32 + 30)).into_drawing_area();
     root.fill(&WHITE)?;
     let text = |s: &str, x: u32, y: u32, size: u32| {
         Text::new(s.to_string(), (x as i32, y as i32), ("sans-serif", size).into_font())
     };
-    root.draw(&text(&format!("test accuracy {:.4} (rows: true, columns: predicted)", report.accuracy), 10, 10, 18))?;
+    root.draw(&text(
+        &format!(
+            "{split} accuracy {:.4}, macro-F1 {:.4} (rows: true, columns: predicted)",
+            report.accuracy, report.macro_f1
+        ),
+        10,
+        10,
+        18,
+    ))?;
     for (i, m) in report.per_class.iter().enumerate() {
         root.draw(&text(&m.class, left + i as u32 * cell + 10, top - 28, 16))?;
         root.draw(&text(&m.class, 10, top + i as u32 * cell + cell / 2 - 8, 16))?;

@@ -55,9 +55,11 @@ pub fn sweep(base: &TrainConfig, grid: &Grid, out: &Path, dev: &Device) -> anyho
     std::fs::create_dir_all(out)?;
     let mut rows: Vec<Row> = Vec::new();
     let mut best: Option<(f64, PathBuf)> = None;
-    for size in or(&grid.image_size, base.image_size) {
+    // The size `auto` gives this folder; the other `auto` settings follow each run's batch size.
+    let default_size = base.resolve(&crate::train::data_size(&crate::train::dataset(base)?)).image_size.get();
+    for size in or(&grid.image_size, default_size) {
         let mut cfg = base.clone();
-        cfg.image_size = size;
+        cfg.image_size = size.into();
         let prepared = prepare(&cfg, dev)?;
         for lr in or(&grid.lr, base.head.lr) {
             for batch_size in or(&grid.batch_size, base.batch_size) {

@@ -7,8 +7,8 @@
 //! a resumed run ends where an uninterrupted one would have.
 
 use crate::checkpoint::{Checkpoint, Phase, Section, TrainState};
-use crate::config::{CacheEngine, ComputePrecision, PhaseConfig, Refit, Schedule, TrainConfig};
-use crate::data::{self, Images, SPLITS};
+use crate::config::{CacheEngine, ClassWeights, ComputePrecision, DataSize, PhaseConfig, Refit, Schedule, TrainConfig};
+use crate::data::{self, Dataset, Images, SPLITS};
 use crate::features::{self, CacheSpec, Engine, FeatureCache};
 use crate::history::{self, Epoch};
 use crate::metrics::{self, Report};
@@ -34,9 +34,11 @@ use std::time::Instant;
 pub struct Outcome {
     pub run_dir: PathBuf,
     pub validation: Report,
-    /// `None` when the configuration skips the test split.
+    /// `None` when the configuration skips the test split, or the folder has none.
     pub test: Option<Report>,
     pub seconds: f64,
+    /// Whether the folder has a test split (without one, validation's is the final figure).
+    pub has_test_split: bool,
 }
 
 /// The block a tensor name belongs to (`block13_sepconv1.depthwise` → 13).
@@ -58,16 +60,20 @@ fn learning_rate(pc: &PhaseConfig, epoch: usize, factor: f64) -> f64 {
         Schedule::Constant => pc.lr,
         Schedule::ReduceOnPlateau => pc.lr * factor,
         Schedule::Cosine => {
-            let w = pc.warmup_epochs.min(pc.epochs.saturating_sub(1));
+            let (epochs, warmup) = (pc.epochs.get(), pc.warmup_epochs.get());
+            let w = warmup.min(epochs.saturating_sub(1));
             if epoch < w {
                 pc.lr * (epoch + 1) as f64 / (w + 1) as f64
             } else {
-                let span = (pc.epochs - w).max(1) as f64;
+                let span = (epochs - w).max(1) as f64;
                 pc.lr * 0.5 * (1.0 + (std::f64::consts::PI * (epoch - w) as f64 / span).cos())
             }
         }
     }
 }
+
+/// Mean loss, accuracy, predictions and (when asked for) class probabilities of a cache.
+type Evaluation = (f64, f64, Vec<u32>, Vec<Vec<f32>>);
 
 /// The network being trained: the base (blocks from `from` trainable), the head, their variables.
 struct Trainable {
@@ -106,16 +112,32 @@ impl Trainable {
 
     /// Mean loss, accuracy and predictions over every item of a cache (variant 0 only).
     fn evaluate(&self, phase: Phase, cache: &FeatureCache, dev: &Device) -> candle_core::Result<(f64, f64, Vec<u32>)> {
+        let (loss, acc, preds, _) = self.evaluate_with_probabilities(phase, cache, false, dev)?;
+        Ok((loss, acc, preds))
+    }
+
+    /// [`Self::evaluate`], and each item's class probabilities when `probabilities`.
+    fn evaluate_with_probabilities(
+        &self,
+        phase: Phase,
+        cache: &FeatureCache,
+        probabilities: bool,
+        dev: &Device,
+    ) -> candle_core::Result<Evaluation> {
         let items: Vec<usize> = (0..cache.n).collect();
-        let (mut loss, mut preds) = (0f64, Vec::with_capacity(items.len()));
+        let (mut loss, mut preds, mut probs) = (0f64, Vec::with_capacity(items.len()), Vec::new());
         for b in items.chunks(64) {
             let logits = self.logits(phase, cache, b, None, None, dev)?.detach();
             let labels = cache.labels_batch(b, dev)?;
             loss += candle_nn::loss::cross_entropy(&logits, &labels)?.to_scalar::<f32>()? as f64 * b.len() as f64;
             preds.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
+            if probabilities {
+                probs.extend(candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?);
+            }
         }
         let correct = preds.iter().zip(&cache.labels).filter(|(p, t)| p == t).count();
-        Ok((loss / items.len() as f64, correct as f64 / items.len() as f64, preds))
+        let n = items.len().max(1) as f64;
+        Ok((loss / n, correct as f64 / n, preds, probs))
     }
 
     fn l2(&self) -> candle_core::Result<Tensor> {
@@ -126,15 +148,37 @@ impl Trainable {
 }
 
 /// Cross-entropy with label smoothing `eps`: the target puts 1 - eps on the label and spreads eps
-/// over every class, as Keras' `label_smoothing`.
-fn smoothed_cross_entropy(logits: &Tensor, labels: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    if eps == 0.0 {
+/// over every class, as Keras' `label_smoothing`. With `weights` (one per class) each item's
+/// loss counts by its class's weight, and the batch's loss is their weighted mean (as PyTorch's
+/// `CrossEntropyLoss(weight=...)`).
+fn smoothed_cross_entropy(
+    logits: &Tensor,
+    labels: &Tensor,
+    eps: f64,
+    weights: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    if eps == 0.0 && weights.is_none() {
         return candle_nn::loss::cross_entropy(logits, labels);
     }
     let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     let nll = logp.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
     let uniform = logp.mean(D::Minus1)?.neg()?;
-    ((nll * (1.0 - eps))? + (uniform * eps)?)?.mean_all()
+    let per_item = ((nll * (1.0 - eps))? + (uniform * eps)?)?;
+    match weights {
+        None => per_item.mean_all(),
+        Some(w) => {
+            let w = w.index_select(labels, 0)?;
+            (per_item * &w)?.sum_all()?.broadcast_div(&w.sum_all()?)
+        }
+    }
+}
+
+/// Per-class weights of the loss, "balanced" (scikit-learn's rule): photos / (classes × the
+/// class's photos), so that every class weighs as much in the loss as the others.
+pub fn balanced_weights(per_class: &[usize]) -> Vec<f32> {
+    let total: usize = per_class.iter().sum();
+    let k = per_class.len() as f64;
+    per_class.iter().map(|&n| (total as f64 / (k * n.max(1) as f64)) as f32).collect()
 }
 
 /// Mixup of one batch: each input becomes `lambda` times itself plus `1 - lambda` times the
@@ -158,9 +202,9 @@ impl Mix {
         (x * self.lambda)? + (x.index_select(&self.partner, 0)? * (1.0 - self.lambda))?
     }
 
-    fn loss(&self, logits: &Tensor, labels: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-        let own = smoothed_cross_entropy(logits, labels, eps)?;
-        let other = smoothed_cross_entropy(logits, &labels.index_select(&self.partner, 0)?, eps)?;
+    fn loss(&self, logits: &Tensor, labels: &Tensor, eps: f64, w: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let own = smoothed_cross_entropy(logits, labels, eps, w)?;
+        let other = smoothed_cross_entropy(logits, &labels.index_select(&self.partner, 0)?, eps, w)?;
         (own * self.lambda)? + (other * (1.0 - self.lambda))?
     }
 }
@@ -186,9 +230,21 @@ struct PhaseRunner<'a> {
     /// The run's checkpoint file, rewritten after every epoch.
     checkpoint: &'a Path,
     dev: &'a Device,
+    classes: &'a [String],
+    /// Per-class loss weights, when the classes are weighted.
+    class_weights: Option<Tensor>,
 }
 
 impl PhaseRunner<'_> {
+    /// What picks the best epoch.
+    fn selection_name(&self) -> &'static str {
+        if self.class_weights.is_some() {
+            "macro-F1"
+        } else {
+            "accuracy"
+        }
+    }
+
     /// Runs `state.phase` from `state` (fresh, or `resumed` from a checkpoint) on the variables
     /// `vars`, leaving its best variables in place.
     fn run(
@@ -203,7 +259,8 @@ impl PhaseRunner<'_> {
         let mut opt = Optimizer::new(pc.optimizer, vars.clone(), pc.weight_decay, pc.momentum)?;
         let mut best = snapshot(&vars)?;
         // The moving average of the weights (when on) starts from the phase's initial weights.
-        let mut ema = if pc.ema > 0.0 { Some(snapshot(&vars)?) } else { None };
+        let (epochs, patience, decay) = (pc.epochs.get(), pc.patience.get(), pc.ema.get());
+        let mut ema = if decay > 0.0 { Some(snapshot(&vars)?) } else { None };
         if let Some(saved) = resumed {
             for (name, var) in &vars {
                 var.set(&saved.get(Section::Vars, name)?)?;
@@ -220,7 +277,7 @@ impl PhaseRunner<'_> {
         }
         let train = &caches[0];
         let dropout = cfg.dropout;
-        for epoch in state.next_epoch..pc.epochs {
+        for epoch in state.next_epoch..epochs {
             if state.phase_done {
                 break;
             }
@@ -253,9 +310,10 @@ impl PhaseRunner<'_> {
                 let mix = if pc.mixup > 0.0 { Some(Mix::draw(pc.mixup, batch.len(), &mut rng, dev)?) } else { None };
                 let logits = t.logits(phase, train, batch, mask.as_ref(), mix.as_ref(), dev)?;
                 let labels = train.labels_batch(batch, dev)?;
+                let w = self.class_weights.as_ref();
                 let ce = match &mix {
-                    Some(m) => m.loss(&logits, &labels, cfg.label_smoothing)?,
-                    None => smoothed_cross_entropy(&logits, &labels, cfg.label_smoothing)?,
+                    Some(m) => m.loss(&logits, &labels, cfg.label_smoothing, w)?,
+                    None => smoothed_cross_entropy(&logits, &labels, cfg.label_smoothing, w)?,
                 };
                 let loss = (&ce + (t.l2()? * cfg.l2)?)?;
                 let grads = loss.backward()?;
@@ -264,7 +322,7 @@ impl PhaseRunner<'_> {
                     for ((_, avg), (_, var)) in e.iter_mut().zip(&vars) {
                         // Detached: otherwise each average would hold on to the previous one, and
                         // through it to every average since the start of the phase.
-                        *avg = ((&*avg * pc.ema)? + (var.as_tensor().detach() * (1.0 - pc.ema))?)?.detach();
+                        *avg = ((&*avg * decay)? + (var.as_tensor().detach() * (1.0 - decay))?)?.detach();
                     }
                 }
                 loss_sum += ce.to_scalar::<f32>()? as f64 * batch.len() as f64;
@@ -278,7 +336,8 @@ impl PhaseRunner<'_> {
                 Some(e) => Some(swap_in(&vars, e)?),
                 None => None,
             };
-            let (val_loss, val_acc, _) = t.evaluate(phase, &caches[1], dev)?;
+            let (val_loss, val_acc, val_pred) = t.evaluate(phase, &caches[1], dev)?;
+            let val_f1 = metrics::evaluate(&val_pred, &caches[1].labels[..caches[1].n], self.classes).macro_f1;
             let e = Epoch {
                 phase,
                 epoch: epoch + 1,
@@ -287,18 +346,22 @@ impl PhaseRunner<'_> {
                 train_acc: correct as f64 / items.len() as f64,
                 val_loss,
                 val_acc,
+                val_macro_f1: val_f1,
                 seconds: start.elapsed().as_secs_f64(),
             };
             tracing::info!(
                 "phase {phase} epoch {:>2}/{}: lr {:.2e}  train loss {:.4} acc {:.4}  val loss {:.4} acc {:.4}  ({:.0} s, {:.0} img/s)",
-                e.epoch, pc.epochs, lr, e.train_loss, e.train_acc, val_loss, val_acc, e.seconds, items.len() as f64 / e.seconds
+                e.epoch, epochs, lr, e.train_loss, e.train_acc, val_loss, val_acc, e.seconds, items.len() as f64 / e.seconds
             );
             state.history.push(e);
+            // With class weights the score is macro-F1: accuracy would favour the large classes
+            // the weights are there to counter.
+            let score = if self.class_weights.is_some() { val_f1 } else { val_acc };
             if !cfg.refit.selects_epochs() {
                 // Refit: the last epoch's weights, whatever validation says.
                 best = snapshot(&vars)?;
-            } else if val_acc > state.best_acc || (val_acc == state.best_acc && val_loss < state.best_loss) {
-                (state.best_acc, state.best_loss, state.since_best) = (val_acc, val_loss, 0);
+            } else if score > state.best_acc || (score == state.best_acc && val_loss < state.best_loss) {
+                (state.best_acc, state.best_loss, state.since_best) = (score, val_loss, 0);
                 best = snapshot(&vars)?;
             } else {
                 state.since_best += 1;
@@ -311,15 +374,18 @@ impl PhaseRunner<'_> {
                     (state.plateau_best, state.plateau_wait) = (val_loss, 0);
                 } else {
                     state.plateau_wait += 1;
-                    if state.plateau_wait >= (pc.patience / 2).max(1) {
+                    if state.plateau_wait >= (patience / 2).max(1) {
                         (state.lr_factor, state.plateau_wait) = (state.lr_factor * 0.1, 0);
                     }
                 }
             }
             state.next_epoch = epoch + 1;
             state.opt_step = opt.step;
-            if cfg.refit.selects_epochs() && pc.patience > 0 && state.since_best >= pc.patience {
-                tracing::info!("phase {phase}: no better validation accuracy for {} epochs, stopping", pc.patience);
+            if cfg.refit.selects_epochs() && patience > 0 && state.since_best >= patience {
+                tracing::info!(
+                    "phase {phase}: no better validation {} for {patience} epochs, stopping",
+                    self.selection_name()
+                );
                 state.phase_done = true;
             }
             let mut c = Checkpoint::new(state.clone());
@@ -347,22 +413,91 @@ pub struct Prepared {
     pub caches: [FeatureCache; 3],
     pub base_tensors: HashMap<String, Tensor>,
     pub prep: Preprocessing,
+    /// The folder's photos and their splits.
+    pub dataset: Dataset,
+    /// The photos of each cache, in cache order (the readable ones).
+    pub paths: [Vec<PathBuf>; 3],
+    /// Unreadable photos (path, reason).
+    pub skipped: Vec<(PathBuf, String)>,
+    /// Photos found in two splits (byte for byte, or nearly by their pooled features).
+    pub leaks: Vec<crate::leaks::Leak>,
+}
+
+impl Prepared {
+    /// What the `auto` settings are chosen from.
+    pub fn size(&self) -> DataSize {
+        data_size(&self.dataset)
+    }
+}
+
+/// The data folder in whichever layout it is (missing splits carved), the refit applied.
+pub fn dataset(cfg: &TrainConfig) -> anyhow::Result<Dataset> {
+    let carve = data::Carve { validation: cfg.validation_fraction, test: cfg.test_fraction, seed: cfg.seed };
+    Ok(data::scan(&cfg.data, &carve)?.refit(cfg.refit))
+}
+
+/// The training photos per class, and their median shorter side.
+pub fn data_size(ds: &Dataset) -> DataSize {
+    DataSize { per_class: ds.counts()[0].clone(), short_side: data::median_short_side(&ds.splits[0]) }
 }
 
 /// Reads the data and builds the feature caches with the frozen ImageNet base.
 pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
     cfg.validate()?;
-    let ds = data::scan(&cfg.data)?.refit(cfg.refit);
-    let prep = Preprocessing::default();
+    let ds = dataset(cfg)?;
+    prepare_dataset(&cfg.resolve(&data_size(&ds)), ds, dev)
+}
+
+/// Logs what the folder holds: its layout, photos per class and split, files passed over.
+fn log_dataset(cfg: &TrainConfig, ds: &Dataset) {
     tracing::info!(
-        "{}: classes {:?}; {} / {} / {} image files (unreadable ones are reported when their split is loaded); {} px",
+        "{}: {}; classes {:?}; {} / {} / {} image files (unreadable ones are reported when their split is loaded); {} px, {}",
         cfg.data.display(),
+        ds.layout,
         ds.classes,
         ds.splits[0].len(),
         ds.splits[1].len(),
         ds.splits[2].len(),
-        cfg.image_size
+        cfg.image_size.get(),
+        match cfg.resize {
+            modelspec::Fit::Stretch => "photos stretched to the square",
+            modelspec::Fit::Crop => "photos cropped to their centre square",
+        }
     );
+    let counts = ds.counts();
+    for (c, class) in ds.classes.iter().enumerate() {
+        tracing::info!(
+            "  {class:<16} train {:>6}  validation {:>5}  test {:>5}",
+            counts[0][c],
+            counts[1][c],
+            counts[2][c]
+        );
+    }
+    let size = data_size(ds);
+    if size.per_class.iter().any(|&n| n < data::FEW_PHOTOS) {
+        tracing::warn!(
+            "fewer than {} training photos in a class: expect figures that move by whole photos from run to run",
+            data::FEW_PHOTOS
+        );
+    }
+    if !ds.ignored.is_empty() {
+        tracing::warn!("{} files in the class folders are not JPEG, PNG or WebP and were not read:", ds.ignored.len());
+        for p in ds.ignored.iter().take(20) {
+            tracing::warn!("  {}", p.display());
+        }
+    }
+    if !ds.has_test() {
+        tracing::warn!(
+            "no test split: the final figure is validation's, which also chose the epochs (an optimistic figure)"
+        );
+    }
+}
+
+/// [`prepare`] for a scanned folder and a resolved configuration.
+pub fn prepare_dataset(cfg: &TrainConfig, ds: Dataset, dev: &Device) -> anyhow::Result<Prepared> {
+    let prep = Preprocessing { fit: cfg.resize, ..Preprocessing::default() };
+    log_dataset(cfg, &ds);
+    tracing::info!("{}", cfg.describe_resolved(&data_size(&ds)));
     match cfg.refit {
         Refit::Off => {}
         Refit::Half => tracing::info!(
@@ -382,9 +517,10 @@ pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
     tracing::info!("feature caches: frozen blocks on {}", engine.name());
     let tc = Instant::now();
     let mut caches = Vec::new();
+    let (mut paths, mut all_skipped): ([Vec<PathBuf>; 3], _) = (Default::default(), Vec::new());
     for (i, split) in SPLITS.iter().enumerate() {
         let spec = CacheSpec {
-            variants: if i == 0 && cfg.augment.enabled { cfg.variants } else { 1 },
+            variants: if i == 0 && cfg.augment.enabled { cfg.variants.get() } else { 1 },
             augment: &cfg.augment,
             seed: cfg.seed,
             stream: i as u64,
@@ -394,22 +530,24 @@ pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
             prep: &prep,
             dtype: cfg.precision.dtype(),
         };
-        if i == 2 && !cfg.evaluate_test {
-            // Not looked at: an empty cache.
-            let empty = Images { size: cfg.image_size, pixels: vec![], labels: vec![], paths: vec![] };
+        if i == 2 && (!cfg.evaluate_test || !ds.has_test()) {
+            // Not looked at, or none: an empty cache.
+            let empty = Images { size: cfg.image_size.get(), pixels: vec![], labels: vec![], paths: vec![] };
             caches.push(features::build(&mut engine, &empty, &spec, None, "features test", dev)?);
             continue;
         }
         // One split's decoded photos in memory at a time, dropped once its cache is built: at
         // 299 px the three splits' pixels alone are 3.5 GB.
         let (images, skipped) =
-            data::load(&ds.splits[i], cfg.image_size, &prep, cfg.strict, &format!("loading {split}"))?;
+            data::load(&ds.splits[i], cfg.image_size.get(), &prep, cfg.strict, &format!("loading {split}"))?;
         if !skipped.is_empty() {
             tracing::warn!("{split}: skipped {} unreadable images:", skipped.len());
             for (p, why) in &skipped {
                 tracing::warn!("  {}: {why}", p.display());
             }
         }
+        all_skipped.extend(skipped);
+        paths[i] = images.paths.clone();
         let keys = features::disk_keys(&images, &spec, &cfg.base.join(modelspec::WEIGHTS_FILE), &engine.name());
         let disk = (!cfg.feature_cache.as_os_str().is_empty()).then_some(cfg.feature_cache.as_path());
         if let Some(c) = disk.and_then(|d| features::load(d, &keys, spec.maps)) {
@@ -431,7 +569,18 @@ pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
     let caches: [FeatureCache; 3] = caches.try_into().map_err(|_| anyhow::anyhow!("three splits"))?;
     let cached: usize = caches.iter().map(|c| c.items()).sum();
     tracing::info!("feature cache: {cached} items through blocks 1-{upto} in {:.0} s", tc.elapsed().as_secs_f64());
-    Ok(Prepared { classes: ds.classes, caches, base_tensors: base_dir.tensors, prep })
+    let leaks = crate::leaks::find(&paths, &caches, cfg.near_duplicate);
+    crate::leaks::log(&leaks);
+    Ok(Prepared {
+        classes: ds.classes.clone(),
+        caches,
+        base_tensors: base_dir.tensors,
+        prep,
+        dataset: ds,
+        paths,
+        skipped: all_skipped,
+        leaks,
+    })
 }
 
 /// The engine of the feature caches (see [`CacheEngine`]).
@@ -459,7 +608,7 @@ fn cache_engine<'a>(
                 Ok((k.clone(), (t.dims().to_vec(), t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)))
             })
             .collect::<anyhow::Result<_>>()?;
-        let model = onnxgraph::build_frozen(&weights, cfg.image_size, upto)?;
+        let model = onnxgraph::build_frozen(&weights, cfg.image_size.get(), upto)?;
         let bytes = prost::Message::encode_to_vec(&model);
         let name = PathBuf::from(format!("<frozen blocks 1-{upto}>"));
         let session = inference::session::FloatSession::from_bytes(&bytes, &name, 0, cfg.ort_lib.as_deref())?;
@@ -468,8 +617,8 @@ fn cache_engine<'a>(
         // disagrees is not used (each cache's first batch of photos is checked again).
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         let noise: Vec<f32> =
-            (0..2 * cfg.image_size * cfg.image_size * 3).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let d = engine.check(&noise, cfg.image_size, upto, dev)?.expect("an ONNX Runtime engine checks");
+            (0..2 * cfg.image_size.get() * cfg.image_size.get() * 3).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let d = engine.check(&noise, cfg.image_size.get(), upto, dev)?.expect("an ONNX Runtime engine checks");
         anyhow::ensure!(
             d <= features::ENGINE_TOLERANCE,
             "its features differ from Candle's by {d:.1e} (relative), over {:.0e}",
@@ -500,6 +649,10 @@ fn cache_upto(cfg: &TrainConfig) -> usize {
 pub fn run(cfg: &TrainConfig, resume: bool, dev: &Device) -> anyhow::Result<Outcome> {
     cfg.validate()?;
     let t0 = Instant::now();
+    // The settings left `auto` are chosen for this folder's photos before anything else, so that
+    // the saved config.toml says what the run does (and a resume is checked against it).
+    let ds = dataset(cfg)?;
+    let cfg = &cfg.resolve(&data_size(&ds));
     let out = &cfg.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let ckpt_path = out.join("checkpoint.safetensors");
@@ -519,7 +672,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, dev: &Device) -> anyhow::Result<Outc
         tracing::warn!("--resume: no checkpoint in {}, starting afresh", out.display());
     }
     std::fs::write(&config_path, cfg.to_toml()).with_context(|| format!("writing {}", config_path.display()))?;
-    let prepared = prepare(cfg, dev)?;
+    let prepared = prepare_dataset(cfg, ds, dev)?;
     let mut o = train_prepared(cfg, &prepared, resumed, dev)?;
     o.seconds = t0.elapsed().as_secs_f64();
     Ok(o)
@@ -533,12 +686,15 @@ pub fn train_prepared(
     dev: &Device,
 ) -> anyhow::Result<Outcome> {
     let t0 = Instant::now();
+    let cfg = &cfg.resolve(&p.size());
     let out = &cfg.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let splits_path = out.join(modelspec::splits::SPLITS_FILE);
+    modelspec::splits::write(&splits_path, &p.dataset.rows())?;
     let ckpt_path = out.join("checkpoint.safetensors");
     let caches = &p.caches;
     let fine_tune = cfg.fine_tunes();
-    if fine_tune && caches[0].map_dims[0] != models::layers::output_size_after(cfg.image_size, cache_upto(cfg)) {
+    if fine_tune && caches[0].map_dims[0] != models::layers::output_size_after(cfg.image_size.get(), cache_upto(cfg)) {
         bail!("feature caches were built for another image size or block");
     }
     // The trainable network: base variables from the ImageNet weights, a seeded new head.
@@ -581,7 +737,15 @@ pub fn train_prepared(
                 && !k.ends_with("moving_variance"))
     });
 
-    let runner = PhaseRunner { cfg, net: &t, caches, checkpoint: &ckpt_path, dev };
+    let class_weights = match cfg.class_weights {
+        ClassWeights::On => {
+            let w = balanced_weights(&p.size().per_class);
+            tracing::info!("class weights of the loss: {:?}", p.classes.iter().zip(&w).collect::<Vec<_>>());
+            Some(Tensor::new(w, dev)?)
+        }
+        _ => None,
+    };
+    let runner = PhaseRunner { cfg, net: &t, caches, checkpoint: &ckpt_path, dev, classes: &p.classes, class_weights };
     let (mut state, saved) = match resumed {
         Some(c) => (c.state.clone(), Some(c)),
         None => (TrainState::start(Phase::Head, Vec::new()), None),
@@ -598,13 +762,21 @@ pub fn train_prepared(
 
     // Final metrics.
     let phase = if fine_tune { Phase::FineTune } else { Phase::Head };
-    let (_, _, val_pred) = t.evaluate(phase, &caches[1], dev)?;
-    let validation = metrics::evaluate(&val_pred, &caches[1].labels[..caches[1].n], &p.classes);
-    let test = if cfg.evaluate_test {
-        let (_, _, test_pred) = t.evaluate(phase, &caches[2], dev)?;
-        Some(metrics::evaluate(&test_pred, &caches[2].labels[..caches[2].n], &p.classes))
-    } else {
-        None
+    // Each split's figures and its mistakes (most confident first), for the report.
+    let judged = |i: usize| -> candle_core::Result<(Report, Vec<crate::report::Mistake>)> {
+        let (_, _, pred, probs) = t.evaluate_with_probabilities(phase, &caches[i], true, dev)?;
+        let labels = &caches[i].labels[..caches[i].n];
+        let mistakes = crate::report::mistakes(&p.paths[i], labels, &pred, &probs, &p.classes);
+        Ok((metrics::evaluate(&pred, labels, &p.classes), mistakes))
+    };
+    let (validation, val_mistakes) = judged(1)?;
+    let has_test = p.dataset.has_test();
+    let (test, test_mistakes) = match cfg.evaluate_test && has_test {
+        true => {
+            let (r, m) = judged(2)?;
+            (Some(r), m)
+        }
+        false => (None, Vec::new()),
     };
     let seconds = t0.elapsed().as_secs_f64();
 
@@ -615,6 +787,12 @@ pub fn train_prepared(
         "seconds": seconds,
         "epochs": state.history.len(),
         "refit": cfg.refit,
+        // Which figure is the final one: test's, or validation's when the folder has no test
+        // split (it chose the epochs too).
+        "final": if test.is_some() { "test" } else if has_test { "test not evaluated (--skip-test)" } else { "validation (no test split)" },
+        "layout": p.dataset.layout,
+        "class_weights": cfg.class_weights,
+        "leaks": p.leaks.len(),
     });
     // With every validation photo trained on, its accuracy is not a score of the model.
     let validation_score = (cfg.refit != Refit::All).then_some(validation.accuracy);
@@ -622,7 +800,7 @@ pub fn train_prepared(
         format: FORMAT_VERSION,
         name: cfg.name.clone(),
         architecture: modelspec::Architecture::Xception,
-        input_size: cfg.image_size,
+        input_size: cfg.image_size.get(),
         layout: modelspec::Layout::Nhwc,
         preprocessing: p.prep.clone(),
         head: Some(head_cfg),
@@ -655,19 +833,32 @@ pub fn train_prepared(
     let mut plots =
         vec![("learning_curves.png", crate::plots::learning_curves(&state.history, &out.join("learning_curves.png")))];
     if let Some(test) = &test {
-        plots.push(("confusion_test.png", crate::plots::confusion(test, &out.join("confusion_test.png"))));
+        plots.push(("confusion_test.png", crate::plots::confusion(test, "test", &out.join("confusion_test.png"))));
     }
     plots.push((
         "confusion_validation.png",
-        crate::plots::confusion(&validation, &out.join("confusion_validation.png")),
+        crate::plots::confusion(&validation, "validation", &out.join("confusion_validation.png")),
     ));
     for (what, r) in plots {
         if let Err(e) = r {
             tracing::warn!("{what}: {e}");
         }
     }
+    let report = crate::report::RunReport {
+        cfg,
+        dataset: &p.dataset,
+        history: &state.history,
+        validation: &validation,
+        test: test.as_ref(),
+        mistakes: [&val_mistakes, &test_mistakes],
+        leaks: &p.leaks,
+        skipped: &p.skipped,
+    };
+    if let Err(e) = crate::report::write(out, &report) {
+        tracing::warn!("the report in {}: {e:#}", out.display());
+    }
     let _ = std::fs::remove_file(&ckpt_path);
-    Ok(Outcome { run_dir: out.clone(), validation, test, seconds })
+    Ok(Outcome { run_dir: out.clone(), validation, test, seconds, has_test_split: has_test })
 }
 
 #[cfg(test)]
@@ -697,10 +888,10 @@ mod tests {
 
         let logits = Tensor::new(&[[2f32, 0., -1.], [0., 1., 0.], [-1., 0., 3.], [1., 1., 1.]], &dev).unwrap();
         let labels = Tensor::new(&[0u32, 1, 2, 0], &dev).unwrap();
-        let got = m.loss(&logits, &labels, 0.1).unwrap().to_scalar::<f32>().unwrap();
-        let own = smoothed_cross_entropy(&logits, &labels, 0.1).unwrap().to_scalar::<f32>().unwrap();
+        let got = m.loss(&logits, &labels, 0.1, None).unwrap().to_scalar::<f32>().unwrap();
+        let own = smoothed_cross_entropy(&logits, &labels, 0.1, None).unwrap().to_scalar::<f32>().unwrap();
         let swapped: Vec<u32> = partner.iter().map(|&p| [0u32, 1, 2, 0][p as usize]).collect();
-        let other = smoothed_cross_entropy(&logits, &Tensor::new(swapped, &dev).unwrap(), 0.1)
+        let other = smoothed_cross_entropy(&logits, &Tensor::new(swapped, &dev).unwrap(), 0.1, None)
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
@@ -711,5 +902,31 @@ mod tests {
         let again = Mix::draw(0.2, 4, &mut ChaCha8Rng::seed_from_u64(3), &dev).unwrap();
         assert_eq!(again.lambda, m.lambda);
         assert_eq!(again.partner.to_vec1::<u32>().unwrap(), partner);
+    }
+
+    /// Weighted: each item counts by its class's weight, normalised by the weights' sum; equal
+    /// weights give the plain loss.
+    #[test]
+    fn class_weights_weigh_each_item_by_its_class() {
+        let dev = Device::Cpu;
+        let logits = Tensor::new(&[[2f32, 0.], [0., 1.], [1., 3.]], &dev).unwrap();
+        let labels = Tensor::new(&[0u32, 1, 1], &dev).unwrap();
+        let plain = smoothed_cross_entropy(&logits, &labels, 0.1, None).unwrap().to_scalar::<f32>().unwrap();
+        let ones = Tensor::new(&[1f32, 1.], &dev).unwrap();
+        let same = smoothed_cross_entropy(&logits, &labels, 0.1, Some(&ones)).unwrap().to_scalar::<f32>().unwrap();
+        assert!((plain - same).abs() < 1e-6, "{plain} vs {same}");
+        // Class 0 three times as heavy: (3 l0 + l1 + l2) / 5.
+        let w = Tensor::new(&[3f32, 1.], &dev).unwrap();
+        let got = smoothed_cross_entropy(&logits, &labels, 0.0, Some(&w)).unwrap().to_scalar::<f32>().unwrap();
+        let item = |i: usize| {
+            let row = logits.get(i).unwrap().unsqueeze(0).unwrap();
+            let l = labels.narrow(0, i, 1).unwrap();
+            candle_nn::loss::cross_entropy(&row, &l).unwrap().to_scalar::<f32>().unwrap()
+        };
+        let want = (3.0 * item(0) + item(1) + item(2)) / 5.0;
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        // Balanced weights: photos / (classes x class photos).
+        assert_eq!(balanced_weights(&[300, 100]), vec![2.0 / 3.0, 2.0]);
+        assert_eq!(balanced_weights(&[50, 50]), vec![1.0, 1.0]);
     }
 }

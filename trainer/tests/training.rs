@@ -21,6 +21,11 @@ fn small_footwear(per_class: usize, name: &str) -> PathBuf {
     dst
 }
 
+/// A configuration reading `data` (what [`trainer::train::dataset`] needs).
+fn cfg_for(data: &Path) -> TrainConfig {
+    TrainConfig { data: data.into(), ..Default::default() }
+}
+
 fn base() -> PathBuf {
     testkit::weights("xception-imagenet")
 }
@@ -34,21 +39,21 @@ fn small_config(data: &Path, out: &Path) -> TrainConfig {
         data: data.into(),
         base: base(),
         out: out.into(),
-        image_size: 71,
-        variants: 2,
+        image_size: 71.into(),
+        variants: 2.into(),
         fine_tune_from: 14,
         feature_cache: out.parent().unwrap().join("feature-cache"),
         cache_engine: trainer::config::CacheEngine::Onnxruntime,
         ort_lib: Some(ort_lib()),
         ..Default::default()
     };
-    c.head.epochs = 4;
-    c.head.patience = 0;
+    c.head.epochs = 4.into();
+    c.head.patience = 0.into();
     // Enough phase-2 epochs for the kill below to land in the middle of phase 2.
-    c.fine_tune.epochs = 40;
-    c.fine_tune.patience = 0;
+    c.fine_tune.epochs = 40.into();
+    c.fine_tune.patience = 0.into();
     // The moving average of the weights is part of the state a resumed run must restore.
-    c.fine_tune.ema = 0.99;
+    c.fine_tune.ema = 0.99.into();
     // So are mixup's draws (pooled features in phase 1, block maps in phase 2).
     c.head.mixup = 0.2;
     c.fine_tune.mixup = 0.2;
@@ -109,7 +114,7 @@ fn same_seed_same_result_and_resume_after_sigkill() {
 
     // Phase 2 off: the pooled features of the runs above are reused, nothing is recomputed.
     let mut head_only = small_config(&data, &root.join("head-only"));
-    head_only.fine_tune.epochs = 0;
+    head_only.fine_tune.epochs = 0.into();
     trainer::train::run(&head_only, false, &Device::Cpu).unwrap();
     assert_eq!(cache_files(), 12, "phase 2 off recomputed features");
     std::fs::remove_dir_all(root).unwrap();
@@ -123,12 +128,12 @@ fn cached_path_equals_direct_forward() {
     let data = small_footwear(4, "data-cached");
     let out = tmp("cached");
     let mut cfg = small_config(&data, &out);
-    cfg.head.epochs = 2;
-    cfg.fine_tune.epochs = 1;
+    cfg.head.epochs = 2.into();
+    cfg.fine_tune.epochs = 1.into();
     trainer::train::run(&cfg, false, &Device::Cpu).unwrap();
     let (model, desc) = Classifier::load(&out, &Device::Cpu).unwrap();
     assert_eq!(desc.classes, ["boot", "sandal", "shoe"]);
-    let ds = trainer::data::scan(&data).unwrap();
+    let ds = trainer::train::dataset(&cfg_for(&data)).unwrap();
     let (imgs, _) = trainer::data::load(&ds.splits[2], 71, &desc.preprocessing, true, "test").unwrap();
     let spec = trainer::features::CacheSpec {
         variants: 1,
@@ -169,6 +174,7 @@ fn cached_path_equals_direct_forward() {
             run_dir: out.clone(),
             with: vec![],
             folders: vec![data.join("test")],
+            split: None,
             only: None,
             engine,
             ort_lib: Some(ort_lib()),
@@ -235,6 +241,7 @@ fn cached_path_equals_direct_forward() {
         run_dir: out.clone(),
         with: vec![],
         folders: vec![data.join("test")],
+        split: None,
         only: None,
         engine: trainer::config::CacheEngine::Onnxruntime,
         ort_lib: Some(ort_lib()),
@@ -282,8 +289,8 @@ fn bf16_mixed_precision_trains() {
     cfg.precision = trainer::config::ComputePrecision::Bf16;
     // bf16 caches come from the Candle network itself (ONNX Runtime computes f32).
     cfg.cache_engine = trainer::config::CacheEngine::Candle;
-    cfg.head.epochs = 6;
-    cfg.fine_tune.epochs = 2;
+    cfg.head.epochs = 6.into();
+    cfg.fine_tune.epochs = 2.into();
     trainer::train::run(&cfg, false, &Device::Cpu).unwrap();
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("run/metrics.json")).unwrap()).unwrap();
     let acc = m["test"]["accuracy"].as_f64().unwrap();
@@ -298,7 +305,7 @@ fn bf16_mixed_precision_trains() {
     let caches = std::fs::read_dir(out.join("feature-cache")).unwrap().count();
     cfg.precision = trainer::config::ComputePrecision::F32;
     cfg.out = out.join("run-f32");
-    cfg.fine_tune.epochs = 0;
+    cfg.fine_tune.epochs = 0.into();
     trainer::train::run(&cfg, false, &Device::Cpu).unwrap();
     assert!(std::fs::read_dir(out.join("feature-cache")).unwrap().count() > caches);
     std::fs::remove_dir_all(out).unwrap();
@@ -311,7 +318,7 @@ fn bf16_mixed_precision_trains() {
 fn onnxruntime_cache_matches_candle_and_streams_from_disk() {
     let data = small_footwear(4, "data-engines");
     let root = tmp("engines");
-    let ds = trainer::data::scan(&data).unwrap();
+    let ds = trainer::train::dataset(&cfg_for(&data)).unwrap();
     let prep = modelspec::Preprocessing::default();
     let (imgs, _) = trainer::data::load(&ds.splits[0], 96, &prep, true, "train").unwrap();
     let aug = trainer::augment::AugmentConfig::default();
@@ -391,8 +398,8 @@ fn unreadable_photo_is_skipped_or_named_with_strict() {
     std::fs::write(&bad, b"\xff\xd8\xff\xe0 not a whole jpeg").unwrap();
     let root = tmp("corrupt");
     let mut cfg = small_config(&data, &root.join("lenient"));
-    cfg.fine_tune.epochs = 0;
-    cfg.head.epochs = 2;
+    cfg.fine_tune.epochs = 0.into();
+    cfg.head.epochs = 2.into();
     if let Err(e) = trainer::train::run(&cfg, false, &Device::Cpu) {
         panic!("{e:#}");
     }
@@ -419,9 +426,9 @@ fn refit_trains_on_validation_photos_for_all_epochs() {
     let data = small_footwear(4, "data-refit");
     let root = tmp("refit");
     let mut cfg = small_config(&data, &root.join("half"));
-    cfg.fine_tune.epochs = 0;
-    cfg.head.epochs = 6;
-    cfg.head.patience = 1;
+    cfg.fine_tune.epochs = 0.into();
+    cfg.head.epochs = 6.into();
+    cfg.head.patience = 1.into();
     cfg.head.mixup = 0.0;
     cfg.refit = trainer::config::Refit::Half;
     trainer::train::run(&cfg, false, &Device::Cpu).unwrap();
@@ -469,4 +476,139 @@ fn refit_trains_on_validation_photos_for_all_epochs() {
     assert!(sizes.contains(&(24, 2)), "no cache of 24 training photos x 2 variants among {sizes:?}");
     std::fs::remove_dir_all(root).unwrap();
     std::fs::remove_dir_all(data).unwrap();
+}
+
+/// Links the photos of `src/<split>/<class>/` of `splits` into `dst/<class>/`: a folder of class
+/// folders alone.
+fn flatten(src: &Path, splits: &[&str], dst: &Path) {
+    for split in splits {
+        for class in std::fs::read_dir(src.join(split)).unwrap() {
+            let class = class.unwrap().path();
+            let to = dst.join(class.file_name().unwrap());
+            std::fs::create_dir_all(&to).unwrap();
+            for f in std::fs::read_dir(&class).unwrap() {
+                let f = f.unwrap().path();
+                std::os::unix::fs::symlink(std::fs::canonicalize(&f).unwrap(), to.join(f.file_name().unwrap()))
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// Class folders alone: validation and test are carved per class and seeded, written to
+/// splits.csv, and the same seed gives the same splits, metrics and weights; `trainer eval
+/// --split test` evaluates the carved test photos and gives the run's own test figures; the
+/// report and its contact sheets are written.
+#[test]
+fn class_folders_alone_are_split_repeatably() {
+    let src = small_footwear(4, "data-flat-src");
+    let flat = tmp("data-flat");
+    flatten(&src, &["train", "validation", "test"], &flat);
+    let root = tmp("flat-runs");
+    let run = |name: &str| {
+        let mut cfg = small_config(&flat, &root.join(name));
+        (cfg.fine_tune.epochs, cfg.head.epochs) = (0.into(), 3.into());
+        cfg.validation_fraction = 0.25;
+        cfg.test_fraction = 0.25;
+        trainer::train::run(&cfg, false, &Device::Cpu).unwrap();
+        cfg
+    };
+    let (a, b) = (run("a"), run("b"));
+    let splits = |c: &TrainConfig| std::fs::read_to_string(c.out.join("splits.csv")).unwrap();
+    assert_eq!(splits(&a), splits(&b), "same seed, other splits");
+    let (ra, rb) = (results(&a.out), results(&b.out));
+    assert_eq!(ra.0, rb.0, "same seed, different metrics");
+    assert!(ra.1 == rb.1, "same seed, different weights");
+    // 12 photos per class: 3 validation, 3 test, 6 train, every one carved.
+    let rows = modelspec::splits::read(&a.out.join("splits.csv")).unwrap();
+    let count = |s: modelspec::splits::Split| rows.iter().filter(|r| r.split == s).count();
+    use modelspec::splits::Split;
+    assert_eq!((count(Split::Train), count(Split::Validation), count(Split::Test)), (18, 9, 9));
+    assert!(rows.iter().all(|r| r.origin == modelspec::splits::Origin::Carved));
+    assert_eq!(ra.0["test"]["count"].as_u64(), Some(9));
+    assert_eq!(ra.0["layout"], "class_folders");
+    // Another seed carves other photos.
+    let mut other = small_config(&flat, &root.join("seed7"));
+    (other.fine_tune.epochs, other.head.epochs, other.seed) = (0.into(), 1.into(), 7);
+    (other.validation_fraction, other.test_fraction) = (0.25, 0.25);
+    trainer::train::run(&other, false, &Device::Cpu).unwrap();
+    assert_ne!(splits(&other), splits(&a));
+    // The run's own test photos, read back from splits.csv, give its test figures.
+    let eval = trainer::eval::EvalOptions {
+        run_dir: a.out.clone(),
+        with: vec![],
+        folders: vec![],
+        split: Some(Split::Test),
+        only: None,
+        engine: trainer::config::CacheEngine::Candle,
+        ort_lib: None,
+        batch: 8,
+        flip: false,
+        image_size: None,
+    };
+    let r = &trainer::eval::evaluate(&eval).unwrap()[0];
+    assert_eq!(r.report.count, 9);
+    assert_eq!(
+        r.report.confusion,
+        serde_json::from_value::<Vec<Vec<usize>>>(ra.0["test"]["confusion"].clone()).unwrap()
+    );
+    assert_eq!(r.trained_on, 0);
+    // Evaluating the flat folder itself: its training photos are counted as such.
+    let all = trainer::eval::evaluate(&trainer::eval::EvalOptions { folders: vec![flat.clone()], split: None, ..eval })
+        .unwrap();
+    assert_eq!(all[0].trained_on, 18);
+    // The report: the data, the settings, the figures, and the error sheets it drew.
+    let html = std::fs::read_to_string(a.out.join("report.html")).unwrap();
+    for want in ["class folders alone", "splits.csv", "Test (the final figure)", "Leaks between splits"] {
+        assert!(html.contains(want), "report.html lacks {want:?}");
+    }
+    let wrong = ra.0["test"]["count"].as_u64().unwrap() as f64 * (1.0 - ra.0["test"]["accuracy"].as_f64().unwrap());
+    assert_eq!(a.out.join("errors_test.png").exists(), wrong > 0.5, "errors sheet vs {wrong} test errors");
+    for d in [root, flat, src] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+/// The PyTorch tutorial's layout (`train/` and `val/`, no `test/`): validation's figure is the
+/// final one and says so; a validation photo that is a copy of a training photo (byte for byte,
+/// or re-encoded at another size) is named as a leak.
+#[test]
+fn a_val_folder_without_test_and_leaks_between_splits() {
+    let src = small_footwear(4, "data-val-src");
+    let data = tmp("data-val");
+    for (from, to) in [("train", "train"), ("validation", "val")] {
+        for class in ["boot", "sandal", "shoe"] {
+            std::fs::create_dir_all(data.join(to).join(class)).unwrap();
+            for f in std::fs::read_dir(src.join(from).join(class)).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, data.join(to).join(class).join(f.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    // Two leaks: a copy, and the same photo re-encoded at 90% of its size.
+    let boots = src.join("train/boot");
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&boots).unwrap().map(|e| e.unwrap().path()).collect();
+    names.sort();
+    std::fs::copy(&names[0], data.join("val/boot/copy-of-first.jpg")).unwrap();
+    let img = image::open(&names[1]).unwrap();
+    img.resize(img.width() * 9 / 10, img.height() * 9 / 10, image::imageops::FilterType::Triangle)
+        .save(data.join("val/boot/resized-second.jpg"))
+        .unwrap();
+    let root = tmp("val-runs");
+    let mut cfg = small_config(&data, &root.join("run"));
+    (cfg.fine_tune.epochs, cfg.head.epochs) = (0.into(), 2.into());
+    let o = trainer::train::run(&cfg, false, &Device::Cpu).unwrap();
+    assert!(o.test.is_none() && !o.has_test_split);
+    let (m, _) = results(&cfg.out);
+    assert_eq!(m["final"], "validation (no test split)");
+    assert_eq!(m["validation"]["count"].as_u64(), Some(14));
+    assert_eq!(m["layout"]["splits"]["validation"], "val", "{}", m["layout"]);
+    assert_eq!(m["leaks"].as_u64(), Some(2), "{m}");
+    let html = std::fs::read_to_string(cfg.out.join("report.html")).unwrap();
+    assert!(html.contains("copy-of-first.jpg") && html.contains("identical bytes"), "the copy is not named");
+    assert!(html.contains("resized-second.jpg") && html.contains("similarity"), "the re-encoded copy is not named");
+    assert!(html.contains("No test split"));
+    for d in [root, data, src] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
 }
