@@ -247,6 +247,12 @@ pub fn resized_pixels(
     Ok(resize(&decode_rgb(bytes, limits)?, size, p).into_raw())
 }
 
+/// A file read (at most `limits.max_file_bytes`) and decoded to 8-bit RGB at its own size, within
+/// `limits`: for pictures of photos (contact sheets), not network input.
+pub fn decode_file(path: &Path, limits: &DecodeLimits) -> Result<image::RgbImage, ImageError> {
+    decode_rgb(&read_bounded(path, limits.max_file_bytes)?, limits)
+}
+
 /// The whole chain: encoded bytes → [size, size, 3] floats, HWC.
 pub fn preprocess(bytes: &[u8], size: u32, p: &Preprocessing, limits: &DecodeLimits) -> Result<Vec<f32>, ImageError> {
     let img = decode_rgb(bytes, limits)?;

@@ -23,14 +23,6 @@ pub enum Auto<T> {
 }
 
 impl<T: Copy> Auto<T> {
-    /// `Auto` stays; a value that `keep` refuses becomes `Auto` (to pick out given values).
-    fn filter(self, keep: impl FnOnce(&T) -> bool) -> Self {
-        match self {
-            Auto::Set(v) if keep(&v) => Auto::Set(v),
-            _ => Auto::Auto,
-        }
-    }
-
     /// The value; a configuration is resolved before any of its `auto` settings is read.
     pub fn get(self) -> T {
         match self {
@@ -438,18 +430,12 @@ impl TrainConfig {
     /// Checks values that would otherwise fail deep inside training.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, reason: String| Err(ConfigError::Invalid { field, reason });
-        if let Auto::Set(size) =
-            self.image_size.filter(|s| !(models::layers::MIN_INPUT_SIZE..=modelspec::MAX_INPUT_SIZE).contains(s))
-        {
-            return bad(
-                "image_size",
-                format!(
-                    "{} px is not within {}..={} px",
-                    size,
-                    models::layers::MIN_INPUT_SIZE,
-                    modelspec::MAX_INPUT_SIZE
-                ),
-            );
+        let sizes = models::layers::MIN_INPUT_SIZE..=modelspec::MAX_INPUT_SIZE;
+        match self.image_size {
+            Auto::Set(size) if !sizes.contains(&size) => {
+                return bad("image_size", format!("{size} px is not within {sizes:?} px"));
+            }
+            _ => {}
         }
         if self.batch_size == 0 {
             return bad("batch_size", "must be positive".into());
@@ -620,6 +606,18 @@ mod tests {
         assert!(e.contains("fine_tune.schedule") && e.contains("refit"), "{e}");
         c.refit = Refit::Off;
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn carved_shares_are_checked() {
+        for (v, t, field) in
+            [(0.7, 0.15, "validation_fraction"), (0.0, 0.15, "validation_fraction"), (0.15, 0.5, "test_fraction")]
+        {
+            let c = TrainConfig { validation_fraction: v, test_fraction: t, ..Default::default() };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+        TrainConfig { test_fraction: 0.0, ..Default::default() }.validate().unwrap();
     }
 
     /// On footwear-15k the `auto` settings are the constants tuned there (so its runs are the

@@ -45,8 +45,6 @@ pub enum DataError {
     ClassMismatch { root: PathBuf, split: String, found: Vec<String>, expected: Vec<String> },
     #[error("{path}: {reason}")]
     Unreadable { path: PathBuf, reason: String },
-    #[error("{field}: {reason}")]
-    Fraction { field: &'static str, reason: String },
 }
 
 /// One labelled image file.
@@ -228,31 +226,21 @@ pub fn carve(
     let n = ranked.len();
     let (kv, kt) = (share(n, fractions.0), share(n, fractions.1));
     let mut it = ranked.into_iter().map(|(_, f)| f);
-    let val: Vec<PathBuf> = it.by_ref().take(kv).collect();
-    let test: Vec<PathBuf> = it.by_ref().take(kt).collect();
-    let mut train: Vec<PathBuf> = it.collect();
-    let sorted = |mut v: Vec<PathBuf>| {
+    let mut take = |k: usize| {
+        let mut v: Vec<PathBuf> = it.by_ref().take(k).collect();
         v.sort();
         v
     };
-    train.sort();
-    (train, sorted(val), sorted(test))
+    let (val, test) = (take(kv), take(kt));
+    let train = take(usize::MAX);
+    (train, val, test)
 }
 
 /// Lists the folder in whichever layout it is, carving the splits it lacks, and checks that
 /// every split has the same classes and every class enough photos.
+/// The shares of `c` are those `TrainConfig::validate` accepts (validation in (0, 0.5), test in
+/// [0, 0.5)).
 pub fn scan(root: &Path, c: &Carve) -> Result<Dataset, DataError> {
-    for (field, f) in [("validation_fraction", c.validation), ("test_fraction", c.test)] {
-        if !(0.0..0.5).contains(&f) {
-            return Err(DataError::Fraction { field, reason: format!("{f} is not in [0, 0.5)") });
-        }
-    }
-    if c.validation == 0.0 {
-        return Err(DataError::Fraction {
-            field: "validation_fraction",
-            reason: "a carved validation split needs a share above 0".into(),
-        });
-    }
     let (layout, val_dir, test_dir) = detect(root)?;
     let mut ignored = Vec::new();
     let (carved_from, class_root) = match layout {
@@ -326,7 +314,7 @@ pub fn scan(root: &Path, c: &Carve) -> Result<Dataset, DataError> {
 impl Dataset {
     /// Photos per class in each split (`counts[split][class]`).
     pub fn counts(&self) -> [Vec<usize>; 3] {
-        self.splits.clone().map(|s| {
+        self.splits.each_ref().map(|s| {
             let mut c = vec![0; self.classes.len()];
             for x in s {
                 c[x.label] += 1;
@@ -663,8 +651,6 @@ mod tests {
         let root = photos("few", &["a", "b"], 3);
         let e = scan(&root, &CARVE).unwrap_err().to_string();
         assert!(e.contains("class `a` has 3 photos") && e.contains("leaves 1 to train on"), "{e}");
-        let e = scan(&root, &Carve { validation: 0.7, ..CARVE }).unwrap_err().to_string();
-        assert!(e.contains("validation_fraction"), "{e}");
         std::fs::remove_dir_all(root).unwrap();
     }
 }

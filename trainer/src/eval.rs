@@ -300,13 +300,6 @@ pub fn evaluate(o: &EvalOptions) -> anyhow::Result<Vec<FolderReport>> {
         let report = metrics::evaluate(&pred, &truth, &desc.classes);
         let errors = crate::report::mistakes(&paths, &truth, &pred, &probs, &desc.classes);
         let seen = files.iter().filter(|(f, _)| trained.contains(&canonical(f))).count();
-        if seen > 0 {
-            tracing::warn!(
-                "{}: {seen} of its {} photos are training photos of the run: its figures are not figures on new photos",
-                folder.display(),
-                files.len()
-            );
-        }
         reports.push(FolderReport {
             folder: folder.clone(),
             only: o.only.as_ref().map(|r| r.as_str().to_string()),

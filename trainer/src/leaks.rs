@@ -86,8 +86,10 @@ pub fn find(paths: &[Vec<PathBuf>; 3], caches: &[FeatureCache; 3], near_duplicat
     let mut identical = std::collections::HashSet::new();
     for (s, files) in paths.iter().enumerate() {
         for (i, p) in files.iter().enumerate() {
-            let Ok(bytes) = std::fs::read(p) else { continue };
-            let h: [u8; 32] = Sha256::digest(&bytes).into();
+            // Streamed: a large file is never held whole.
+            let mut hasher = Sha256::new();
+            let Ok(_) = std::fs::File::open(p).and_then(|mut f| std::io::copy(&mut f, &mut hasher)) else { continue };
+            let h: [u8; 32] = hasher.finalize().into();
             match first.get(&h) {
                 Some(&(s0, i0)) if s0 != s => {
                     identical.insert((s, i));

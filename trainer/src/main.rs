@@ -393,7 +393,11 @@ fn main() -> anyhow::Result<()> {
                     }
                 }
                 if r.trained_on > 0 {
-                    println!("note: {} of these photos are training photos of the run (its splits.csv)", r.trained_on);
+                    println!(
+                        "note: {} of these photos are training photos of the run (its splits.csv): these figures are \
+                         not figures on new photos",
+                        r.trained_on
+                    );
                 }
             }
             if let Some(p) = &a.json {

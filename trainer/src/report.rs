@@ -75,10 +75,7 @@ pub fn contact_sheet(mistakes: &[Mistake], title: &str, path: &Path) -> anyhow::
     for (k, m) in shown.iter().enumerate() {
         let (col, row) = (k as u32 % COLUMNS, k as u32 / COLUMNS);
         let (x0, y0) = (GAP + col * (THUMB + GAP), TITLE + row * cell_h);
-        let photo = std::fs::read(&m.path)
-            .ok()
-            .and_then(|b| modelspec::preprocess::decode_rgb(&b, &limits).ok())
-            .map(|img| fit_inside(&img, THUMB));
+        let photo = modelspec::preprocess::decode_file(&m.path, &limits).ok().map(|img| fit_inside(&img, THUMB));
         let tile = photo.unwrap_or_else(|| image::RgbImage::from_pixel(THUMB, THUMB, image::Rgb([200, 200, 200])));
         let (dx, dy) = ((THUMB - tile.width()) / 2, (THUMB - tile.height()) / 2);
         image::imageops::overlay(&mut canvas, &tile, i64::from(x0 + dx), i64::from(y0 + dy));

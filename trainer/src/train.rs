@@ -421,13 +421,8 @@ pub struct Prepared {
     pub skipped: Vec<(PathBuf, String)>,
     /// Photos found in two splits (byte for byte, or nearly by their pooled features).
     pub leaks: Vec<crate::leaks::Leak>,
-}
-
-impl Prepared {
     /// What the `auto` settings are chosen from.
-    pub fn size(&self) -> DataSize {
-        data_size(&self.dataset)
-    }
+    pub size: DataSize,
 }
 
 /// The data folder in whichever layout it is (missing splits carved), the refit applied.
@@ -436,7 +431,8 @@ pub fn dataset(cfg: &TrainConfig) -> anyhow::Result<Dataset> {
     Ok(data::scan(&cfg.data, &carve)?.refit(cfg.refit))
 }
 
-/// The training photos per class, and their median shorter side.
+/// The training photos per class, and their median shorter side (read from up to 400 photos'
+/// headers: computed once per run).
 pub fn data_size(ds: &Dataset) -> DataSize {
     DataSize { per_class: ds.counts()[0].clone(), short_side: data::median_short_side(&ds.splits[0]) }
 }
@@ -445,11 +441,12 @@ pub fn data_size(ds: &Dataset) -> DataSize {
 pub fn prepare(cfg: &TrainConfig, dev: &Device) -> anyhow::Result<Prepared> {
     cfg.validate()?;
     let ds = dataset(cfg)?;
-    prepare_dataset(&cfg.resolve(&data_size(&ds)), ds, dev)
+    let size = data_size(&ds);
+    prepare_dataset(&cfg.resolve(&size), ds, size, dev)
 }
 
 /// Logs what the folder holds: its layout, photos per class and split, files passed over.
-fn log_dataset(cfg: &TrainConfig, ds: &Dataset) {
+fn log_dataset(cfg: &TrainConfig, ds: &Dataset, size: &DataSize) {
     tracing::info!(
         "{}: {}; classes {:?}; {} / {} / {} image files (unreadable ones are reported when their split is loaded); {} px, {}",
         cfg.data.display(),
@@ -473,7 +470,6 @@ fn log_dataset(cfg: &TrainConfig, ds: &Dataset) {
             counts[2][c]
         );
     }
-    let size = data_size(ds);
     if size.per_class.iter().any(|&n| n < data::FEW_PHOTOS) {
         tracing::warn!(
             "fewer than {} training photos in a class: expect figures that move by whole photos from run to run",
@@ -494,10 +490,10 @@ fn log_dataset(cfg: &TrainConfig, ds: &Dataset) {
 }
 
 /// [`prepare`] for a scanned folder and a resolved configuration.
-pub fn prepare_dataset(cfg: &TrainConfig, ds: Dataset, dev: &Device) -> anyhow::Result<Prepared> {
+pub fn prepare_dataset(cfg: &TrainConfig, ds: Dataset, size: DataSize, dev: &Device) -> anyhow::Result<Prepared> {
     let prep = Preprocessing { fit: cfg.resize, ..Preprocessing::default() };
-    log_dataset(cfg, &ds);
-    tracing::info!("{}", cfg.describe_resolved(&data_size(&ds)));
+    log_dataset(cfg, &ds, &size);
+    tracing::info!("{}", cfg.describe_resolved(&size));
     match cfg.refit {
         Refit::Off => {}
         Refit::Half => tracing::info!(
@@ -569,8 +565,14 @@ pub fn prepare_dataset(cfg: &TrainConfig, ds: Dataset, dev: &Device) -> anyhow::
     let caches: [FeatureCache; 3] = caches.try_into().map_err(|_| anyhow::anyhow!("three splits"))?;
     let cached: usize = caches.iter().map(|c| c.items()).sum();
     tracing::info!("feature cache: {cached} items through blocks 1-{upto} in {:.0} s", tc.elapsed().as_secs_f64());
-    let leaks = crate::leaks::find(&paths, &caches, cfg.near_duplicate);
-    crate::leaks::log(&leaks);
+    // A refit of every validation photo puts each of them in train on purpose: no leak to find.
+    let leaks = if cfg.refit == Refit::All {
+        Vec::new()
+    } else {
+        let leaks = crate::leaks::find(&paths, &caches, cfg.near_duplicate);
+        crate::leaks::log(&leaks);
+        leaks
+    };
     Ok(Prepared {
         classes: ds.classes.clone(),
         caches,
@@ -580,6 +582,7 @@ pub fn prepare_dataset(cfg: &TrainConfig, ds: Dataset, dev: &Device) -> anyhow::
         paths,
         skipped: all_skipped,
         leaks,
+        size,
     })
 }
 
@@ -652,7 +655,8 @@ pub fn run(cfg: &TrainConfig, resume: bool, dev: &Device) -> anyhow::Result<Outc
     // The settings left `auto` are chosen for this folder's photos before anything else, so that
     // the saved config.toml says what the run does (and a resume is checked against it).
     let ds = dataset(cfg)?;
-    let cfg = &cfg.resolve(&data_size(&ds));
+    let size = data_size(&ds);
+    let cfg = &cfg.resolve(&size);
     let out = &cfg.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let ckpt_path = out.join("checkpoint.safetensors");
@@ -672,7 +676,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, dev: &Device) -> anyhow::Result<Outc
         tracing::warn!("--resume: no checkpoint in {}, starting afresh", out.display());
     }
     std::fs::write(&config_path, cfg.to_toml()).with_context(|| format!("writing {}", config_path.display()))?;
-    let prepared = prepare_dataset(cfg, ds, dev)?;
+    let prepared = prepare_dataset(cfg, ds, size, dev)?;
     let mut o = train_prepared(cfg, &prepared, resumed, dev)?;
     o.seconds = t0.elapsed().as_secs_f64();
     Ok(o)
@@ -686,7 +690,7 @@ pub fn train_prepared(
     dev: &Device,
 ) -> anyhow::Result<Outcome> {
     let t0 = Instant::now();
-    let cfg = &cfg.resolve(&p.size());
+    let cfg = &cfg.resolve(&p.size);
     let out = &cfg.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let splits_path = out.join(modelspec::splits::SPLITS_FILE);
@@ -739,7 +743,7 @@ pub fn train_prepared(
 
     let class_weights = match cfg.class_weights {
         ClassWeights::On => {
-            let w = balanced_weights(&p.size().per_class);
+            let w = balanced_weights(&p.size.per_class);
             tracing::info!("class weights of the loss: {:?}", p.classes.iter().zip(&w).collect::<Vec<_>>());
             Some(Tensor::new(w, dev)?)
         }
