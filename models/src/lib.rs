@@ -10,6 +10,7 @@ pub mod error;
 pub mod head;
 pub mod keras_import;
 pub mod layers;
+pub mod ood;
 pub mod ops;
 pub mod weights;
 pub mod xception;

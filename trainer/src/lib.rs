@@ -12,6 +12,7 @@ pub mod features;
 pub mod history;
 pub mod leaks;
 pub mod metrics;
+pub mod ood;
 pub mod optim;
 pub mod plots;
 pub mod progress;

@@ -39,8 +39,25 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Fit (again) the out-of-distribution score of a finished run (`ood.safetensors`, which the
+    /// exporter builds into the ONNX file) from its feature caches.
+    Ood(OodArgs),
     /// Print the default configuration as TOML.
     DefaultConfig,
+}
+
+#[derive(clap::Args, Debug)]
+struct OodArgs {
+    /// The run directory (its config.toml says the data and caches).
+    run_dir: PathBuf,
+    /// Also write the pooled features and logits of the three splits (and of FOLDERS) here, as
+    /// raw float32 files (for comparing scores: scripts/experiments/ood-scores.py).
+    #[arg(long)]
+    dump: Option<PathBuf>,
+    /// Further folders of images (any layout) whose features go to --dump.
+    folders: Vec<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -408,6 +425,45 @@ fn main() -> anyhow::Result<()> {
         Cmd::Soup { runs, out } => {
             trainer::soup::soup(&runs, &out)?;
             println!("{}: the mean of {} runs' weights", out.display(), runs.len());
+        }
+        Cmd::Ood(a) => {
+            let path = a.run_dir.join("config.toml");
+            let mut cfg = TrainConfig::from_file(&path)?;
+            cfg.out = a.run_dir.clone();
+            let dev = device(&a.device, cfg.precision)?;
+            let p = trainer::train::prepare(&cfg, &dev)?;
+            let from = cfg.fine_tunes().then_some(cfg.fine_tune_from);
+            let f = trainer::ood::fit_run(&a.run_dir, &p, from, &dev)?;
+            println!(
+                "{}: {} fitted on {:?} training photos (shrinkage {:.3})",
+                a.run_dir.join(models::ood::OOD_FILE).display(),
+                f.fit.method,
+                f.fit.photos,
+                f.fit.shrinkage
+            );
+            if let Some(dir) = &a.dump {
+                let desc = modelspec::ModelDescription::load(&a.run_dir.join(modelspec::DESCRIPTION_FILE))?;
+                for (i, name) in ["train", "validation", "test"].iter().enumerate() {
+                    let c = &p.caches[i];
+                    let labels: Vec<String> = c.labels[..c.n].iter().map(|&l| p.classes[l as usize].clone()).collect();
+                    trainer::ood::dump(dir, name, &f.net, &f.features[i], &labels, &p.paths[i], &dev)?;
+                }
+                for folder in &a.folders {
+                    let (feats, paths) = trainer::ood::folder_features(&f.net, &desc, folder, &dev)?;
+                    let name = folder.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or("folder".into());
+                    let labels: Vec<String> = paths
+                        .iter()
+                        .map(|p| {
+                            p.parent()
+                                .and_then(|d| d.file_name())
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_default()
+                        })
+                        .collect();
+                    trainer::ood::dump(dir, &name, &f.net, &feats, &labels, &paths, &dev)?;
+                }
+                println!("features and logits in {}", dir.display());
+            }
         }
         Cmd::DefaultConfig => print!("{}", TrainConfig::default().to_toml()),
         Cmd::Sweep(a) => {
