@@ -1,8 +1,8 @@
 //! The out-of-distribution fit of a run (`models::ood`): the trained network's pooled features
 //! of the training photos (originals, not the augmented variants), computed from the feature
 //! caches, give the class means and the shared covariance; `ood.safetensors` and `ood.json` go
-//! into the run directory, where the exporter builds them into the ONNX graph. The threshold is
-//! not set here: the exporter sets it on the validation photos through the written file.
+//! into the run directory, for the ONNX graph (the exporter does not build it in yet). The
+//! threshold is not stored here: it is to be set on the validation photos through the written file.
 //!
 //! `trainer ood RUN` fits (again) for a finished run, `--dump DIR` also writes the features
 //! and logits of the three splits and of any folder (for comparing scores, docs/ood.md).
@@ -87,7 +87,7 @@ pub fn fit_run(run_dir: &Path, p: &Prepared, from: Option<usize>, dev: &Device) 
     };
     tracing::info!(
         "out-of-distribution score fitted on {} training photos (covariance shrinkage {:.3}) in {:.0} s: \
-         validation median {:.3}, 99th percentile {cut:.3}{test_note} (the exporter sets the threshold)",
+         validation median {:.3}, 99th percentile {cut:.3}{test_note} (the validation 99th percentile is logged, not stored)",
         labels.len(),
         fit.shrinkage,
         t0.elapsed().as_secs_f64(),

@@ -861,7 +861,7 @@ pub fn train_prepared(
     if let Err(e) = crate::report::write(out, &report) {
         tracing::warn!("the report in {}: {e:#}", out.display());
     }
-    // How unlike the training photos an image is (the exporter builds it into the graph); a
+    // How unlike the training photos an image is (for the ONNX graph, not built in yet); a
     // run whose fit fails still has its weights, and says why.
     if let Err(e) = crate::ood::fit_run(out, p, fine_tune.then_some(cfg.fine_tune_from), dev) {
         tracing::warn!("no out-of-distribution score: {e:#}");
