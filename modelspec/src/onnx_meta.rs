@@ -41,12 +41,40 @@ pub const CALIBRATION: &str = "calibration";
 pub const TEST_TIME_AUGMENTATION: &str = "test_time_augmentation";
 /// The value of [`TEST_TIME_AUGMENTATION`] for flip averaging.
 pub const FLIP: &str = "flip";
+/// JSON [`OodMeta`]: the graph's [`OOD_SCORE_NAME`] output, its threshold and how it was set;
+/// absent in files without the output.
+pub const OOD: &str = "ood";
 
 /// Names of the graph's input and outputs.
 pub const INPUT_NAME: &str = "image";
 pub const LOGITS_NAME: &str = "logits";
 pub const PROBABILITIES_NAME: &str = "probabilities";
 pub const FEATURES_NAME: &str = "features";
+/// float32 [N]: how unlike the training photos each image is (larger: further); an image whose
+/// score is above [`OodMeta::threshold`] is out of distribution.
+pub const OOD_SCORE_NAME: &str = "ood_score";
+
+/// The out-of-distribution score of a file ([`OOD`]): what the graph's [`OOD_SCORE_NAME`]
+/// computes and the threshold above which a runtime answers `unknown`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OodMeta {
+    /// The score (`mahalanobis`: the class-conditional Mahalanobis distance of the pooled
+    /// features, shared covariance, divided by the number of features).
+    pub method: String,
+    /// Images scoring above it are out of distribution.
+    pub threshold: f32,
+    /// The share of in-distribution photos the threshold was set to reject (0.01: 1%).
+    pub rejection_rate: f64,
+    /// How it was set: the photos (in distribution only) and the file whose scores set it.
+    pub set_on: String,
+    /// Photos scored to set it.
+    pub photos: usize,
+    /// The share of them rejected at the threshold (the set rate, up to rounding).
+    pub rejected: f64,
+    /// Photos of each class the score was fitted on (the training split).
+    #[serde(default)]
+    pub fitted_on: Vec<usize>,
+}
 
 /// The preprocessing property: the training preprocessing, and whether the graph applies the
 /// scaling itself (then a runtime feeds the resized pixels unchanged).
@@ -92,6 +120,8 @@ pub struct OnnxInfo {
     pub calibration: Option<serde_json::Value>,
     /// `Some("flip")` when the graph averages each image with its mirror image.
     pub test_time_augmentation: Option<String>,
+    /// The out-of-distribution output's threshold, when the file has one.
+    pub ood: Option<OodMeta>,
 }
 
 impl OnnxInfo {
@@ -151,7 +181,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<OnnxInfo, MetaError
 }
 
 /// Every property this module writes.
-const KEYS: [&str; 15] = [
+const KEYS: [&str; 16] = [
     CLASSES,
     INPUT_SIZE,
     LAYOUT,
@@ -167,6 +197,7 @@ const KEYS: [&str; 15] = [
     PRECISION,
     CALIBRATION,
     TEST_TIME_AUGMENTATION,
+    OOD,
 ];
 
 fn parse_checked(get: impl Fn(&str) -> Option<String>) -> Result<OnnxInfo, MetaError> {
@@ -230,6 +261,17 @@ fn parse_checked(get: impl Fn(&str) -> Option<String>) -> Result<OnnxInfo, MetaE
             }
             None => None,
         },
+        ood: match get(OOD) {
+            Some(o) => {
+                let m: OodMeta = serde_json::from_str(&o)
+                    .map_err(|e| MetaError { key: OOD, reason: format!("not valid JSON: {e}") })?;
+                if !m.threshold.is_finite() {
+                    return Err(MetaError { key: OOD, reason: format!("threshold {} is not a number", m.threshold) });
+                }
+                Some(m)
+            }
+            None => None,
+        },
         calibration: match get(CALIBRATION) {
             Some(c) => Some(
                 serde_json::from_str(&c)
@@ -278,6 +320,21 @@ mod tests {
         assert_eq!(info.input_type, InputType::Uint8);
         assert!(info.preprocessing.scaling_in_graph);
         assert_eq!((info.precision, info.calibration.clone()), (Precision::Float32, None));
+        assert_eq!(info.ood, None);
+        let mut with_ood = props.clone();
+        let ood = OodMeta {
+            method: "mahalanobis".into(),
+            threshold: 4.82,
+            rejection_rate: 0.01,
+            set_on: "validation".into(),
+            photos: 1800,
+            rejected: 0.01,
+            fitted_on: vec![3200, 3200, 3200],
+        };
+        with_ood.insert(OOD.into(), serde_json::to_string(&ood).unwrap());
+        assert_eq!(parse(|k| with_ood.get(k).cloned()).unwrap().ood, Some(ood));
+        with_ood.insert(OOD.into(), r#"{"method":"mahalanobis"}"#.into());
+        assert_eq!(parse(|k| with_ood.get(k).cloned()).unwrap_err().key, OOD);
         assert_eq!(info.int8_weight_bits(), None);
         let mut int8 = props.clone();
         int8.insert(PRECISION.into(), "int8".into());

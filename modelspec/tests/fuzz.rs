@@ -210,7 +210,7 @@ fn webp() -> impl Strategy<Value = Vec<u8>> {
         });
     let real = (1u32..40, 1u32..40, prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6)).prop_map(
         |(w, h, flips)| {
-            let img = image::RgbaImage::from_fn(w, h, |x, y| image::Rgba([x as u8 * 9, y as u8 * 5, 77, 255]));
+            let img = image::RgbaImage::from_fn(w, h, |x, y| image::Rgba([(x * 9) as u8, (y * 5) as u8, 77, 255]));
             let mut out = Vec::new();
             img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::WebP).unwrap();
             for (at, b) in &flips {
