@@ -83,6 +83,7 @@ pub fn export_options(run_dir: &Path, out: &Path, model_version: i64, flip_avera
         candle_onnx: false,
         tolerance: 1e-4,
         flip_average,
+        ood_rejection: Some(exporter::ood::DEFAULT_REJECTION),
         ort: inference::SessionConfig { threads: 2, ort_lib: Some(ort_lib()), ..Default::default() },
     }
 }

@@ -90,6 +90,8 @@ pub struct Int8Report {
     pub passed: bool,
     /// Files tried before this one that failed their verification (another calibration method).
     pub failed_attempts: Vec<String>,
+    /// The out-of-distribution threshold set on this file's own scores, when it has the output.
+    pub ood: Option<onnx_meta::OodMeta>,
 }
 
 impl Int8Report {
@@ -142,8 +144,17 @@ pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Export
     if desc.head.is_none() {
         bail!("--precision int8: the model has no classifier head to verify");
     }
-    let weights = load_weights(&dir)?;
+    let mut weights = load_weights(&dir)?;
     drop(dir);
+    if let Some(rate) = o.ood_rejection {
+        crate::ood::check_rate(rate)?;
+    }
+    // The out-of-distribution output stays float (`onnxgraph::quant`); its threshold is set
+    // on this file's own scores once it passes.
+    let fit = match o.ood_rejection {
+        Some(_) => crate::ood::add_fit(&o.run_dir, &desc, &mut weights)?,
+        None => None,
+    };
 
     if q.weight_bits > onnxgraph::PORTABLE_WEIGHT_BITS {
         tracing::warn!(
@@ -187,7 +198,7 @@ pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Export
         props.push((onnx_meta::PRECISION.into(), Precision::Int8.as_str().into()));
         props.push((onnx_meta::CALIBRATION.into(), serde_json::to_string(&calibration)?));
         props.extend(crate::flip_property(o));
-        let (model, summary) = onnxgraph::build_int8(
+        let (mut model, summary) = onnxgraph::build_int8(
             &desc,
             &weights,
             o.input_type,
@@ -198,7 +209,7 @@ pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Export
             &keep,
             q.weight_bits,
         )?;
-        let bytes = model.encode_to_vec();
+        let mut bytes = model.encode_to_vec();
         let tmp = crate::write_beside(&o.out, &bytes)?;
         let report = match verifier.verify(&tmp, &model, &keep, &calibration, &summary) {
             Ok(r) => r,
@@ -215,10 +226,28 @@ pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Export
                 failed.push(r);
             }
             report => {
+                let mut ood_meta = None;
+                if let (Some((_, info)), Some(rate)) = (&fit, o.ood_rejection) {
+                    let meta = crate::ood::set_threshold(&bytes, &o.out, &o.run_dir, &desc, rate, info, &o.ort)
+                        .and_then(|m| {
+                            crate::ood::put_meta(&mut model, &m)?;
+                            bytes = model.encode_to_vec();
+                            std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+                            Ok(m)
+                        });
+                    match meta {
+                        Ok(m) => ood_meta = Some(m),
+                        Err(e) => {
+                            let _ = std::fs::remove_file(&tmp);
+                            return Err(e.context(format!("{} was left unchanged", o.out.display())));
+                        }
+                    }
+                }
                 std::fs::rename(&tmp, &o.out)
                     .with_context(|| format!("renaming {} to {}", tmp.display(), o.out.display()))?;
                 let report = report.map(|mut r| {
                     r.failed_attempts = failed.iter().map(Int8Report::summary).collect();
+                    r.ood = ood_meta.clone();
                     r
                 });
                 let report_path = match &report {
@@ -233,7 +262,8 @@ pub fn export_int8(o: &ExportOptions, q: &Int8Options) -> anyhow::Result<(Export
                     }
                     None => None,
                 };
-                return Ok((Exported { path: o.out.clone(), bytes: bytes.len(), report: None, report_path }, report));
+                let e = Exported { path: o.out.clone(), bytes: bytes.len(), ood: ood_meta, report: None, report_path };
+                return Ok((e, report));
             }
         }
     }
@@ -397,6 +427,7 @@ impl<'a> Verifier<'a> {
             checks,
             passed,
             failed_attempts: vec![],
+            ood: None,
         }))
     }
 }

@@ -4,6 +4,7 @@
 pub mod calibrate;
 pub use onnxgraph as graph;
 pub mod int8;
+pub mod ood;
 pub mod photos;
 pub mod triton;
 pub mod verify;
@@ -39,6 +40,9 @@ pub struct ExportOptions {
     pub tolerance: f32,
     /// Test-time flip averaging in the graph: each image and its mirror image, outputs averaged.
     pub flip_average: bool,
+    /// The out-of-distribution output (when the run has its fit), its threshold set to reject
+    /// this share of the validation photos; `None`: no such output.
+    pub ood_rejection: Option<f64>,
     pub ort: inference::SessionConfig,
 }
 
@@ -47,6 +51,8 @@ pub struct ExportOptions {
 pub struct Exported {
     pub path: PathBuf,
     pub bytes: usize,
+    /// The out-of-distribution output's threshold, when the file has it.
+    pub ood: Option<onnx_meta::OodMeta>,
     pub report: Option<verify::Report>,
     pub report_path: Option<PathBuf>,
 }
@@ -86,7 +92,14 @@ pub fn export(o: &ExportOptions) -> anyhow::Result<Exported> {
     let dir = ModelDir::load(&o.run_dir, &Device::Cpu)
         .with_context(|| format!("reading the model directory {}", o.run_dir.display()))?;
     let desc = &dir.description;
-    let weights = load_weights(&dir)?;
+    let mut weights = load_weights(&dir)?;
+    if let Some(rate) = o.ood_rejection {
+        ood::check_rate(rate)?;
+    }
+    let fit = match o.ood_rejection {
+        Some(_) => ood::add_fit(&o.run_dir, desc, &mut weights)?,
+        None => None,
+    };
     let toolchain = format!("{PRODUCER} {} (opset {})", env!("CARGO_PKG_VERSION"), graph::OPSET);
     let mut props = onnx_meta::properties(desc, o.input_type, o.model_version, &toolchain);
     let precision = match o.precision {
@@ -95,7 +108,7 @@ pub fn export(o: &ExportOptions) -> anyhow::Result<Exported> {
     };
     props.push((onnx_meta::PRECISION.into(), precision.as_str().into()));
     props.extend(flip_property(o));
-    let model = graph::build(
+    let mut model = graph::build(
         desc,
         &weights,
         o.precision,
@@ -104,7 +117,8 @@ pub fn export(o: &ExportOptions) -> anyhow::Result<Exported> {
         o.model_version,
         (PRODUCER, env!("CARGO_PKG_VERSION")),
     )?;
-    let bytes = model.encode_to_vec();
+    drop(weights);
+    let mut bytes = model.encode_to_vec();
 
     // Written beside the target and renamed over it only once verified.
     let tmp = write_beside(&o.out, &bytes)?;
@@ -124,12 +138,21 @@ pub fn export(o: &ExportOptions) -> anyhow::Result<Exported> {
         } else {
             verify::Samples::synthetic(desc, o.max_samples.min(4))
         };
-        let r = verify::verify(&tmp, &samples, &dir, o).map_err(cleanup)?;
+        let r = verify::verify(&tmp, &samples, &dir, fit.as_ref().map(|f| &f.0), o).map_err(cleanup)?;
         if !r.passed {
             let _ = std::fs::remove_file(&tmp);
             bail!("{r}\nthe ONNX file does not match the model; {} was left unchanged", o.out.display());
         }
         report = Some(r);
+    }
+    // The threshold, through the file as written (the metadata does not change its scores).
+    let mut ood_meta = None;
+    if let (Some((_, info)), Some(rate)) = (&fit, o.ood_rejection) {
+        let meta = ood::set_threshold(&bytes, &o.out, &o.run_dir, desc, rate, info, &o.ort).map_err(cleanup)?;
+        ood::put_meta(&mut model, &meta).map_err(cleanup)?;
+        bytes = model.encode_to_vec();
+        std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display())).map_err(cleanup)?;
+        ood_meta = Some(meta);
     }
     std::fs::rename(&tmp, &o.out).with_context(|| format!("renaming {} to {}", tmp.display(), o.out.display()))?;
     let report_path = match &report {
@@ -140,5 +163,5 @@ pub fn export(o: &ExportOptions) -> anyhow::Result<Exported> {
         }
         None => None,
     };
-    Ok(Exported { path: o.out.clone(), bytes: bytes.len(), report, report_path })
+    Ok(Exported { path: o.out.clone(), bytes: bytes.len(), ood: ood_meta, report, report_path })
 }

@@ -52,6 +52,13 @@ struct Args {
     /// the outputs are averaged (twice the work; the runtime needs no change).
     #[arg(long)]
     flip_average: bool,
+    /// The share of the run's validation photos whose out-of-distribution score the threshold
+    /// rejects (the runtime answers `unknown` above it); set on in-distribution photos only.
+    #[arg(long, default_value_t = exporter::ood::DEFAULT_REJECTION, conflicts_with = "no_ood")]
+    ood_rejection: f64,
+    /// No `ood_score` output, even when the run has the out-of-distribution fit.
+    #[arg(long)]
+    no_ood: bool,
     /// int8: labelled folder the file is verified on [default: the run's test split].
     #[arg(long)]
     verify_on: Option<PathBuf>,
@@ -136,6 +143,7 @@ fn main() -> anyhow::Result<()> {
         tolerance: a.tolerance.unwrap_or(if a.precision == PrecisionArg::F16 { 5e-2 } else { 1e-4 }),
         ort: ort.clone(),
         flip_average: a.flip_average,
+        ood_rejection: (!a.no_ood).then_some(a.ood_rejection),
     };
     let e = if a.precision == PrecisionArg::Int8 {
         let q = exporter::int8::Int8Options {
@@ -166,6 +174,17 @@ fn main() -> anyhow::Result<()> {
         e
     };
     println!("wrote {} ({:.1} MB)", e.path.display(), e.bytes as f64 / 1e6);
+    match &e.ood {
+        Some(m) => println!(
+            "out of distribution: `ood_score` above {:.4} answers `unknown` ({:.2}% of {} validation photos, asked {:.2}%)",
+            m.threshold,
+            100.0 * m.rejected,
+            m.photos,
+            100.0 * m.rejection_rate
+        ),
+        None if !a.no_ood => println!("out of distribution: no `ood_score` output (the run has no ood.safetensors)"),
+        None => {}
+    }
     if let Some(p) = &e.report_path {
         println!("verification report: {}", p.display());
     }
@@ -177,7 +196,8 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(repo) = &a.triton {
         let desc = modelspec::ModelDescription::load(&a.run_dir).context("reading the model description")?;
-        let d = triton::write(repo, &desc, &e.path, a.triton_max_batch, a.precision == PrecisionArg::F16)?;
+        let d =
+            triton::write(repo, &desc, &e.path, a.triton_max_batch, a.precision == PrecisionArg::F16, e.ood.is_some())?;
         println!("Triton model repository: {}", d.display());
     }
     Ok(())

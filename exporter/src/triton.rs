@@ -3,17 +3,25 @@
 //! Triton's classification extension.
 
 use anyhow::Context;
-use modelspec::onnx_meta::{FEATURES_NAME, INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME};
+use modelspec::onnx_meta::{FEATURES_NAME, INPUT_NAME, LOGITS_NAME, OOD_SCORE_NAME, PROBABILITIES_NAME};
 use modelspec::ModelDescription;
 use std::path::{Path, PathBuf};
 
-/// `config.pbtxt` for `desc`.
-pub fn config(desc: &ModelDescription, max_batch: usize, fp16: bool) -> String {
+/// `config.pbtxt` for `desc`; `ood`: the file has the `ood_score` output (one value per image:
+/// dims [1] reshaped to [], Triton's form for it).
+pub fn config(desc: &ModelDescription, max_batch: usize, fp16: bool, ood: bool) -> String {
     let s = desc.input_size;
     let outputs = match &desc.head {
         Some(h) => format!(
             "  {{ name: \"{LOGITS_NAME}\" data_type: TYPE_FP32 dims: [ {c} ] }},\n  \
-             {{ name: \"{PROBABILITIES_NAME}\" data_type: TYPE_FP32 dims: [ {c} ] label_filename: \"labels.txt\" }}",
+             {{ name: \"{PROBABILITIES_NAME}\" data_type: TYPE_FP32 dims: [ {c} ] label_filename: \"labels.txt\" }}{}",
+            if ood {
+                format!(
+                    ",\n  {{ name: \"{OOD_SCORE_NAME}\" data_type: TYPE_FP32 dims: [ 1 ] reshape: {{ shape: [ ] }} }}"
+                )
+            } else {
+                String::new()
+            },
             c = h.classes
         ),
         None => {
@@ -40,19 +48,21 @@ pub fn config(desc: &ModelDescription, max_batch: usize, fp16: bool) -> String {
 }
 
 /// Writes `repo/<name>/` with a copy of `onnx`; the model folder is replaced atomically.
+/// `ood`: the file has the `ood_score` output.
 pub fn write(
     repo: &Path,
     desc: &ModelDescription,
     onnx: &Path,
     max_batch: usize,
     fp16: bool,
+    ood: bool,
 ) -> anyhow::Result<PathBuf> {
     let dir = repo.join(&desc.name);
     let tmp = repo.join(format!(".{}.tmp-{}", desc.name, std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(tmp.join("1")).with_context(|| format!("creating {}", tmp.display()))?;
     std::fs::copy(onnx, tmp.join("1/model.onnx")).with_context(|| format!("copying {}", onnx.display()))?;
-    std::fs::write(tmp.join("config.pbtxt"), config(desc, max_batch, fp16))?;
+    std::fs::write(tmp.join("config.pbtxt"), config(desc, max_batch, fp16, ood))?;
     std::fs::write(tmp.join("labels.txt"), desc.classes.join("\n") + "\n")?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("replacing {}", dir.display()))?;

@@ -42,6 +42,7 @@ fn options(run_dir: &Path, out: &Path) -> ExportOptions {
         tolerance: 1e-4,
         ort: ort(),
         flip_average: false,
+        ood_rejection: Some(exporter::ood::DEFAULT_REJECTION),
     }
 }
 
@@ -141,6 +142,12 @@ fn small_trained_model_exports_with_the_trainers_accuracy_and_a_triton_layout() 
     let e = export(&options(&cfg.out, &out)).unwrap();
     let r = e.report.clone().unwrap();
     assert!(r.passed, "{r}");
+    // The out-of-distribution output, checked on both engines against the Candle features'
+    // scores, its threshold set on the 18 validation photos.
+    assert!(r.engines.iter().all(|e| e.max_rel_diff_ood_score.is_some_and(|d| d <= 1e-3)), "{r}");
+    let ood = e.ood.clone().unwrap();
+    assert_eq!((ood.method.as_str(), ood.photos, ood.rejection_rate), ("mahalanobis", 18, 0.01));
+    assert_eq!(ood.fitted_on, [6, 6, 6]);
     // The samples came from the run's own test split (its model.json names the data).
     assert!(r.samples.iter().all(|s| s.contains("/test/")), "{:?}", r.samples);
     assert_eq!(r.engines.len(), 2, "ONNX Runtime and candle-onnx");
@@ -158,12 +165,33 @@ fn small_trained_model_exports_with_the_trainers_accuracy_and_a_triton_layout() 
     assert_eq!(m.input_size(), 71);
     assert!(m.info.preprocessing.scaling_in_graph);
     assert!(m.info.toolchain.starts_with("footwear-exporter"));
+    assert_eq!(m.info.ood.as_ref(), Some(&ood));
+    assert!(m.has_ood_score);
+    // The validation photos' own scores set it: at most one of the 18 is above it (1% of 18).
+    assert!(ood.rejected <= 1.0 / 18.0 + 1e-9, "{ood:?}");
+    assert!(ev.ood.is_some(), "{ev}");
+    drop(m);
+    // Without it (--no-ood): no output, no metadata, as files written before it.
+    let plain = root.join("model-plain.onnx");
+    let ep = export(&ExportOptions { ood_rejection: None, ..options(&cfg.out, &plain) }).unwrap();
+    assert!(ep.ood.is_none() && ep.report.as_ref().unwrap().tolerance_ood_score.is_none());
+    let m = OnnxModel::load(&plain, &ort()).unwrap();
+    assert!(!m.has_ood_score && m.info.ood.is_none());
+    assert!(e.bytes - ep.bytes >= 4 * 2048 * 2048, "{} vs {}", e.bytes, ep.bytes);
+    drop(m);
 
     let desc = modelspec::ModelDescription::load(&cfg.out).unwrap();
-    let t = triton::write(&root.join("triton"), &desc, &out, 16, false).unwrap();
+    let t = triton::write(&root.join("triton"), &desc, &out, 16, false, e.ood.is_some()).unwrap();
     assert_eq!(std::fs::read(t.join("1/model.onnx")).unwrap(), std::fs::read(&out).unwrap());
     let config = std::fs::read_to_string(t.join("config.pbtxt")).unwrap();
-    for want in ["name: \"footwear\"", "max_batch_size: 16", "TYPE_UINT8", "dims: [ 71, 71, 3 ]", "dynamic_batching"] {
+    for want in [
+        "name: \"footwear\"",
+        "max_batch_size: 16",
+        "TYPE_UINT8",
+        "dims: [ 71, 71, 3 ]",
+        "dynamic_batching",
+        "name: \"ood_score\" data_type: TYPE_FP32 dims: [ 1 ] reshape: { shape: [ ] }",
+    ] {
         assert!(config.contains(want), "config.pbtxt lacks {want}:\n{config}");
     }
     assert_eq!(std::fs::read_to_string(t.join("labels.txt")).unwrap(), "boot\nsandal\nshoe\n");
@@ -173,6 +201,8 @@ fn small_trained_model_exports_with_the_trainers_accuracy_and_a_triton_layout() 
     let o16 = ExportOptions { precision: OnnxPrecision::F16, tolerance: 5e-2, ..options(&cfg.out, &out16) };
     let e16 = export(&o16).unwrap();
     assert!(e16.report.as_ref().unwrap().passed, "{}", e16.report.unwrap());
+    assert!(e16.report.as_ref().unwrap().engines[0].max_rel_diff_ood_score.is_some());
+    assert!(e16.ood.is_some());
     assert!(e16.bytes < e.bytes * 6 / 10, "{} vs {}", e16.bytes, e.bytes);
     onnx_check(&out16);
 
@@ -195,8 +225,10 @@ fn small_trained_model_exports_with_the_trainers_accuracy_and_a_triton_layout() 
     let ef = export(&ExportOptions { flip_average: true, ..options(&cfg.out, &outflip) }).unwrap();
     let rf = ef.report.unwrap();
     assert!(rf.engines[0].passed && rf.engines[0].max_abs_diff_logits.is_some_and(|d| d <= 1e-4), "{rf}");
+    assert!(rf.engines.iter().all(|e| e.max_rel_diff_ood_score.is_some_and(|d| d <= 1e-3)), "{rf}");
     let m = OnnxModel::load(&outflip, &ort()).unwrap();
     assert_eq!(m.info.test_time_augmentation.as_deref(), Some("flip"));
+    assert!(m.has_ood_score);
     drop(m);
     let evflip = evaluate(&outflip, &data.join("test"), &ort());
     let o = trainer::eval::EvalOptions {
@@ -331,7 +363,10 @@ fn int8_files(run: &Path, root: &Path, float: &exporter::Exported) {
         "{:?}",
         r.optimized_ops
     );
-    assert!(e.bytes < float.bytes * 3 / 10, "{} vs {}", e.bytes, float.bytes);
+    // Both files carry the out-of-distribution fit in float32 (2048 x 2048 + 3 x 2048 values).
+    let ood = 4 * (2048 * 2048 + 3 * 2048);
+    assert!(e.ood.is_some() && float.ood.is_some());
+    assert!(e.bytes - ood < (float.bytes - ood) * 3 / 10, "{} vs {}", e.bytes, float.bytes);
     assert!(root.join("model.int8.verification.json").exists());
     onnx_check(&out);
     let m = OnnxModel::load(&out, &ort()).unwrap();
@@ -339,6 +374,11 @@ fn int8_files(run: &Path, root: &Path, float: &exporter::Exported) {
     let c = m.info.calibration.as_ref().unwrap();
     assert_eq!((c["method"].as_str(), c["photos"].as_u64()), (Some("minmax"), Some(12)));
     assert_eq!((m.info.int8_weight_bits(), c["weight_bits"].as_u64()), (Some(7), Some(7)));
+    // Its own threshold, set on its own scores of the validation photos.
+    let o = m.info.ood.clone().unwrap();
+    assert!(m.has_ood_score && o.threshold.is_finite() && o.photos == 18, "{o:?}");
+    assert!(o.set_on.contains("validation"), "{o:?}");
+    assert_eq!(r.ood.as_ref(), Some(&o));
     drop(m);
 
     // A layer kept float stays a float convolution in ONNX Runtime's graph.

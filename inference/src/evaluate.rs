@@ -34,6 +34,22 @@ pub struct Evaluation {
     pub reported_accuracy: Option<f64>,
     /// `path: reason` of each image that could not be read (skipped).
     pub unreadable: Vec<String>,
+    /// In files with the out-of-distribution output: how many photos of the folder it rejects
+    /// at the file's threshold, and the accuracy on the others.
+    pub ood: Option<OodEvaluation>,
+}
+
+/// The out-of-distribution answer on a folder of photos of the model's classes.
+#[derive(Debug, Clone, Serialize)]
+pub struct OodEvaluation {
+    pub threshold: f32,
+    /// Photos answered `unknown` (score above the threshold).
+    pub rejected: usize,
+    pub rejected_share: f64,
+    pub accepted: usize,
+    pub accepted_correct: usize,
+    /// Accuracy on the photos not rejected.
+    pub accepted_accuracy: f64,
 }
 
 impl std::fmt::Display for Evaluation {
@@ -52,6 +68,18 @@ impl std::fmt::Display for Evaluation {
         }
         if !self.unreadable.is_empty() {
             write!(f, "; {} unreadable images skipped", self.unreadable.len())?;
+        }
+        if let Some(o) = &self.ood {
+            write!(
+                f,
+                "\n  out of distribution (score > {:.3}): {}/{} rejected ({:.2}%); accuracy on the {} accepted {:.2}%",
+                o.threshold,
+                o.rejected,
+                self.images,
+                100.0 * o.rejected_share,
+                o.accepted,
+                100.0 * o.accepted_accuracy
+            )?;
         }
         Ok(())
     }
@@ -74,6 +102,20 @@ pub fn evaluate(model: &mut OnnxModel, folder: &Path) -> Result<Evaluation, Eval
     let r = predict_files(model, &files, BATCH)?;
     let correct = r.predicted.iter().filter(|(f, p)| p.top_class() == Some(label_of[f])).count();
     let images = r.predicted.len();
+    let ood = model.info.ood.as_ref().filter(|_| model.has_ood_score).map(|m| {
+        let check = |p: &crate::Prediction| crate::answer::OodCheck::of(p.ood_score, Some(m), true);
+        let accepted: Vec<&(PathBuf, crate::Prediction)> =
+            r.predicted.iter().filter(|(_, p)| !check(p).is_some_and(|c| c.rejects())).collect();
+        let accepted_correct = accepted.iter().filter(|(f, p)| p.top_class() == Some(label_of[f])).count();
+        OodEvaluation {
+            threshold: m.threshold,
+            rejected: images - accepted.len(),
+            rejected_share: (images - accepted.len()) as f64 / images.max(1) as f64,
+            accepted: accepted.len(),
+            accepted_correct,
+            accepted_accuracy: accepted_correct as f64 / accepted.len().max(1) as f64,
+        }
+    });
     Ok(Evaluation {
         file: model.path.display().to_string(),
         folder: folder.display().to_string(),
@@ -82,6 +124,7 @@ pub fn evaluate(model: &mut OnnxModel, folder: &Path) -> Result<Evaluation, Eval
         accuracy: correct as f64 / images.max(1) as f64,
         reported_accuracy: desc.metrics.as_ref().and_then(|m| m.get("test_accuracy")).and_then(|v| v.as_f64()),
         unreadable: r.failed.iter().map(|(f, e)| format!("{}: {e}", f.display())).collect(),
+        ood,
     })
 }
 

@@ -2,7 +2,7 @@
 //! size, preprocessing), checked against the graph's own input and outputs.
 
 use crate::ortlib::{self, OrtLibError};
-use modelspec::onnx_meta::{self, InputType, MetaError, OnnxInfo, LOGITS_NAME, PROBABILITIES_NAME};
+use modelspec::onnx_meta::{self, InputType, MetaError, OnnxInfo, LOGITS_NAME, OOD_SCORE_NAME, PROBABILITIES_NAME};
 use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, ValueType};
 use std::path::{Path, PathBuf};
@@ -58,6 +58,8 @@ pub enum SessionError {
 pub struct Prediction {
     pub logits: Vec<f32>,
     pub probabilities: Vec<f32>,
+    /// The graph's out-of-distribution score, in files that have the output.
+    pub ood_score: Option<f32>,
 }
 
 impl Prediction {
@@ -106,6 +108,9 @@ pub struct OnnxModel {
     pub path: PathBuf,
     /// The execution provider the session runs on.
     pub provider: ExecutionProvider,
+    /// The graph has the `ood_score` output (files since issue 29; its threshold is in
+    /// `info.ood`, absent only while the exporter sets it).
+    pub has_ood_score: bool,
 }
 
 impl OnnxModel {
@@ -175,7 +180,8 @@ impl OnnxModel {
         let info =
             onnx_meta::parse(|k| meta.custom(k)).map_err(|source| SessionError::Meta { path: path.into(), source })?;
         drop(meta);
-        let model = Self { session, info, path: path.into(), provider };
+        let has_ood_score = session.outputs().iter().any(|o| o.name() == OOD_SCORE_NAME);
+        let model = Self { session, info, path: path.into(), provider, has_ood_score };
         model.check_graph()?;
         if provider == ExecutionProvider::Cpu && model.info.int8_weight_bits() == Some(8) && !cpu_has_vnni() {
             return Err(SessionError::Graph {
@@ -217,6 +223,9 @@ impl OnnxModel {
                     return bad(format!("the graph has no output `{name}`"));
                 }
             }
+        }
+        if self.info.ood.is_some() && !self.has_ood_score {
+            return bad(format!("the metadata sets an `ood` threshold but the graph has no output `{OOD_SCORE_NAME}`"));
         }
         Ok(())
     }
@@ -265,10 +274,27 @@ impl OnnxModel {
             Ok(data.to_vec())
         };
         let (logits, probs) = (get(LOGITS_NAME)?, get(PROBABILITIES_NAME)?);
+        let ood = match self.has_ood_score {
+            true => {
+                let v = outputs
+                    .get(OOD_SCORE_NAME)
+                    .ok_or_else(|| SessionError::Run(format!("no output `{OOD_SCORE_NAME}`")))?;
+                let (shape, data) =
+                    v.try_extract_tensor::<f32>().map_err(|e| SessionError::Run(format!("{OOD_SCORE_NAME}: {e}")))?;
+                if **shape != [n as i64] || data.len() != n {
+                    return Err(SessionError::Run(format!(
+                        "output `{OOD_SCORE_NAME}` has shape {shape:?}; expected [{n}] ({n} images)"
+                    )));
+                }
+                Some(data.to_vec())
+            }
+            false => None,
+        };
         Ok((0..n)
             .map(|i| Prediction {
                 logits: logits[i * k..(i + 1) * k].to_vec(),
                 probabilities: probs[i * k..(i + 1) * k].to_vec(),
+                ood_score: ood.as_ref().map(|o| o[i]),
             })
             .collect())
     }

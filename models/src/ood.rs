@@ -176,6 +176,19 @@ impl Ood {
     }
 }
 
+/// The p-quantile of `v` (linear interpolation, as numpy's default).
+pub fn quantile(v: &[f32], p: f64) -> f32 {
+    let mut s = v.to_vec();
+    s.sort_by(f32::total_cmp);
+    if s.is_empty() {
+        return f32::NAN;
+    }
+    let pos = p.clamp(0.0, 1.0) * (s.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    let t = (pos - lo as f64) as f32;
+    s[lo] * (1.0 - t) + s[hi] * t
+}
+
 /// The Ledoit-Wolf shrunk covariance of the rows of `x` ([n · p], already centred) and its
 /// shrinkage, as scikit-learn's `ledoit_wolf` computes them.
 fn ledoit_wolf(x: &[f64], n: usize, p: usize) -> Result<(DMatrix<f64>, f64)> {

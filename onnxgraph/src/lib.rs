@@ -11,6 +11,12 @@
 //!   pooling is `ReduceMean` (candle-onnx lacks `GlobalAveragePool`).
 //! - Outputs `logits` and `probabilities` (softmax), float32, [N, classes]; a model without a
 //!   head gives `features` [N, 2048].
+//! - With the out-of-distribution fit of `models::ood` among the weights ([`ood::PROJECTION`],
+//!   [`ood::CENTRES`]), a third output `ood_score`, float32 [N]: `min_c |f·P − centre_c|² / D` of
+//!   the pooled features `f` (`MatMul`, `Sub`, `Mul`, `ReduceSum`, `ReduceMin`), computed in
+//!   float32 whatever the file's precision (an f16 sum of 2,048 squares can overflow; a float16
+//!   file stores the fit in float16; the int8 file keeps it float32 and reads the float pooled
+//!   features, not their uint8 copy).
 //!
 //! With [`OnnxPrecision::F16`] the weights and the network run in float16 between the scaling and
 //! the logits (for the CUDA execution provider); input and outputs keep their types.
@@ -22,7 +28,10 @@ use candle_onnx::onnx::{
 };
 use models::head::{DENSE, LOGITS};
 use models::layers::{self, ConvSpec, Padding, Relu, Residual, SepConvSpec, BN_EPSILON, FEATURES};
-use modelspec::onnx_meta::{self, InputType, FEATURES_NAME, INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME};
+use models::ood;
+use modelspec::onnx_meta::{
+    self, InputType, FEATURES_NAME, INPUT_NAME, LOGITS_NAME, OOD_SCORE_NAME, PROBABILITIES_NAME,
+};
 use modelspec::ModelDescription;
 pub use quant::{build_int8, Int8Summary, TapRanges, PORTABLE_WEIGHT_BITS};
 use std::collections::HashMap;
@@ -135,6 +144,73 @@ impl<'w> Builder<'w> {
             ..Default::default()
         });
         name.into()
+    }
+
+    /// A float32 tensor initializer whatever the graph's precision.
+    fn tensor_f32(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
+        debug_assert_eq!(dims.iter().product::<usize>(), data.len());
+        self.inits.push(TensorProto {
+            name: name.into(),
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: DataType::Float as i32,
+            raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ..Default::default()
+        });
+        name.into()
+    }
+
+    /// The `ood_score` output on `pooled` ([2N, D] with `flip`: the image's and its mirror's
+    /// features are averaged first), when the weights hold the fit; `classes` checks its centres.
+    fn ood_score(&mut self, pooled: &str, flip: bool, classes: usize) -> Result<bool, GraphError> {
+        let (p, c) = match (self.w.get(ood::PROJECTION), self.w.get(ood::CENTRES)) {
+            (Some(p), Some(c)) => (p, c),
+            (None, None) => return Ok(false),
+            _ => return Err(GraphError(format!("{} and {} go together", ood::PROJECTION, ood::CENTRES))),
+        };
+        let d = FEATURES;
+        if p.0 != [d, d] || c.0 != [classes, d] {
+            return Err(GraphError(format!(
+                "out-of-distribution fit: {} {:?} and {} {:?}, expected [{d}, {d}] and [{classes}, {d}]",
+                ood::PROJECTION,
+                p.0,
+                ood::CENTRES,
+                c.0
+            )));
+        }
+        let mut x = pooled.to_string();
+        if self.precision == OnnxPrecision::F16 {
+            x = self.node("Cast", "ood/f32", &[&x], vec![int("to", DataType::Float as i64)]);
+        }
+        if flip {
+            let shape = self.const_i64s("ood/flip/shape", &[2, -1, d as i64]);
+            let halves = self.node("Reshape", "ood/flip/halves", &[&x, &shape], vec![]);
+            x = self.node("ReduceMean", "ood/flip/mean", &[&halves], vec![ints("axes", &[0]), int("keepdims", 0)]);
+        }
+        // A float16 file stores them in float16 too (8 MiB instead of 16), cast once to float32
+        // (ONNX Runtime folds the cast when it loads the file).
+        let (pn, cn) = match self.precision {
+            OnnxPrecision::F32 => {
+                (self.tensor_f32("ood/projection", &p.0, &p.1), self.tensor_f32("ood/centres", &c.0, &c.1))
+            }
+            OnnxPrecision::F16 => {
+                let to = || vec![int("to", DataType::Float as i64)];
+                let pw = self.weight("ood/projection/f16", &p.0, &p.1);
+                let cw = self.weight("ood/centres/f16", &c.0, &c.1);
+                (self.node("Cast", "ood/projection", &[&pw], to()), self.node("Cast", "ood/centres", &[&cw], to()))
+            }
+        };
+        let z = self.node("MatMul", "ood/whitened", &[&x, &pn], vec![]);
+        let one = self.const_i64s("ood/axis1", &[1]);
+        let z = self.node("Unsqueeze", "ood/whitened/rows", &[&z, &one], vec![]);
+        // [N, 1, D] − [K, D] → [N, K, D]: the squared distance to each class's centre.
+        let diff = self.node("Sub", "ood/to_centres", &[&z, &cn], vec![]);
+        let sq = self.node("Mul", "ood/squares", &[&diff, &diff], vec![]);
+        let two = self.const_i64s("ood/axis2", &[2]);
+        let dist = self.node("ReduceSum", "ood/distances", &[&sq, &two], vec![int("keepdims", 0)]);
+        let nearest = self.node("ReduceMin", "ood/nearest", &[&dist], vec![ints("axes", &[1]), int("keepdims", 0)]);
+        let per = self.const_f32("ood/per_feature", 1.0 / d as f32);
+        self.node("Mul", OOD_SCORE_NAME, &[&nearest, &per], vec![]);
+        Ok(true)
     }
 
     /// A float32 constant (used before the cast to the graph's precision).
@@ -458,8 +534,14 @@ fn build_with_ranges(
             let c = Ok(h.classes as i64);
             outputs.push(value_info(LOGITS_NAME, DataType::Float, &[batch, c]));
             outputs.push(value_info(PROBABILITIES_NAME, DataType::Float, &[batch, c]));
+            if b.ood_score(&pooled, flip, h.classes)? {
+                outputs.push(value_info(OOD_SCORE_NAME, DataType::Float, &[batch]));
+            }
         }
         None => {
+            if w.contains_key(ood::PROJECTION) {
+                return Err(GraphError("an out-of-distribution fit needs a classifier head".into()));
+            }
             let f = if precision == OnnxPrecision::F16 {
                 b.node("Cast", "features/f32", &[&pooled], vec![int("to", DataType::Float as i64)])
             } else {

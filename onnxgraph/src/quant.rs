@@ -223,7 +223,9 @@ pub fn build_int8(
         // Activations are read through their dequantized copy, except by the nodes of a layer
         // kept float: ONNX Runtime quantizes the float weights of a convolution between a
         // dequantize and a quantize itself, so such a layer must read the float tensor.
-        let kept = keep_float.contains(&layer);
+        // The out-of-distribution score reads the float pooled features: its whitening
+        // magnifies the uint8 rounding of the directions the training photos hardly vary in.
+        let kept = keep_float.contains(&layer) || n.name.starts_with("ood/");
         for i in n.input.iter_mut().filter(|_| !kept) {
             if qparams.contains_key(i.as_str()) {
                 *i = format!("{i}/dq");

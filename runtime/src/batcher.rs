@@ -237,7 +237,7 @@ mod tests {
 
     impl Infer for Scripted {
         fn run(&mut self, _pixels: Vec<u8>, n: usize) -> Result<Vec<Prediction>, String> {
-            let row = Prediction { logits: vec![1.0, 0.0], probabilities: vec![0.7, 0.3] };
+            let row = Prediction { logits: vec![1.0, 0.0], probabilities: vec![0.7, 0.3], ood_score: None };
             match self.0.pop() {
                 Some("panic") => panic!("scripted panic"),
                 Some("error") => Err("scripted ONNX Runtime error".into()),

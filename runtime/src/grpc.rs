@@ -126,16 +126,24 @@ impl GrpcInferenceService for Grpc {
         let r = r.into_inner();
         v2::check_model(&m, &r.name, Some(&r.version))?;
         let (n, c) = (m.size as i64, m.classes.len() as i64);
-        use modelspec::onnx_meta::{INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME};
+        use modelspec::onnx_meta::{INPUT_NAME, OOD_SCORE_NAME};
+        let mut properties: std::collections::HashMap<String, String> =
+            [("classes".to_string(), m.classes.join(",")), ("precision".to_string(), m.precision.clone())]
+                .into_iter()
+                .collect();
+        if let Some(o) = &m.ood {
+            properties.insert("ood_threshold".into(), o.threshold.to_string());
+        }
         Ok(Response::new(ModelMetadataResponse {
             name: m.name.clone(),
             versions: vec![m.version.clone()],
             platform: "onnxruntime_onnx".into(),
             inputs: vec![tensor(INPUT_NAME, "UINT8", vec![-1, n, n, 3])],
-            outputs: vec![tensor(LOGITS_NAME, "FP32", vec![-1, c]), tensor(PROBABILITIES_NAME, "FP32", vec![-1, c])],
-            properties: [("classes".to_string(), m.classes.join(",")), ("precision".to_string(), m.precision.clone())]
+            outputs: v2::outputs(&m)
                 .into_iter()
+                .map(|o| tensor(o, "FP32", if o == OOD_SCORE_NAME { vec![-1] } else { vec![-1, c] }))
                 .collect(),
+            properties,
         }))
     }
 
@@ -177,16 +185,16 @@ impl GrpcInferenceService for Grpc {
             }
         };
         v2::check_pixel_count(&m, pixels.len(), n, &input.shape)?;
-        let names = v2::output_names(r.outputs.iter().map(|o| o.name.clone()).collect())?;
+        let names = v2::output_names(&m, r.outputs.iter().map(|o| o.name.clone()).collect())?;
         let b = s.infer(&m, pixels, n, t0).await?;
-        let c = m.classes.len() as i64;
+        v2::count_unknown(s, &m, &b);
         let mut outputs = Vec::new();
         let mut raw = Vec::new();
         for name in &names {
             outputs.push(model_infer_response::InferOutputTensor {
                 name: name.clone(),
                 datatype: "FP32".into(),
-                shape: vec![n as i64, c],
+                shape: v2::output_shape(&m, name, n),
                 ..Default::default()
             });
             raw.push(v2::output_values(&b, name).iter().flat_map(|v| v.to_le_bytes()).collect());

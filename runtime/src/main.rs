@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use inference::answer::{answer, Answer};
+use inference::answer::{answer, Answer, OodCheck};
 use inference::batch::predict_files;
 use inference::{OnnxModel, SessionConfig};
 use modelspec::preprocess::image_files;
@@ -67,6 +67,13 @@ enum Device {
     Cuda,
 }
 
+/// `--ood`: whether images beyond the file's out-of-distribution threshold are `unknown`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OodSwitch {
+    On,
+    Off,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
     Table,
@@ -89,6 +96,11 @@ struct PredictArgs {
     /// Below this confidence the label is `unknown`.
     #[arg(long, default_value_t = 0.0)]
     threshold: f32,
+    /// `on`: an image whose `ood_score` is above the file's threshold (it looks like none of the
+    /// training photos) is `unknown`, reason `out_of_distribution`; `off`: as a file without
+    /// the output. Files without it are unaffected.
+    #[arg(long, value_enum, default_value = "on")]
+    ood: OodSwitch,
     /// Images per inference batch.
     #[arg(long, default_value_t = 16)]
     batch: usize,
@@ -167,6 +179,10 @@ struct ServeArgs {
     top_k: usize,
     #[arg(long, default_value_t = 0.0)]
     threshold: f32,
+    /// `on`: images beyond the file's out-of-distribution threshold are answered `unknown`
+    /// (and v2/gRPC list its `ood_score` output); `off`: served as a file without it.
+    #[arg(long, value_enum, default_value = "on")]
+    ood: OodSwitch,
 }
 
 /// `serving`: a server's batch sizes vary, so it keeps no memory pattern per input shape.
@@ -240,8 +256,12 @@ fn predict(a: &PredictArgs) -> anyhow::Result<ExitCode> {
     let results: Vec<(String, Answer)> = r
         .predicted
         .iter()
-        .map(|(f, p)| (f.display().to_string(), answer(&p.probabilities, &classes, a.top_k, a.threshold)))
+        .map(|(f, p)| {
+            let ood = OodCheck::of(p.ood_score, model.info.ood.as_ref(), a.ood == OodSwitch::On);
+            (f.display().to_string(), answer(&p.probabilities, &classes, a.top_k, a.threshold, ood))
+        })
         .collect();
+    let with_ood = model.info.ood.is_some() && a.ood == OodSwitch::On;
     errors.extend(r.failed.iter().map(|(f, e)| (f.display().to_string(), e.to_string())));
     let secs = t0.elapsed().as_secs_f64();
     for (f, e) in &errors {
@@ -250,41 +270,69 @@ fn predict(a: &PredictArgs) -> anyhow::Result<ExitCode> {
     match a.format {
         Format::Table => {
             let w = results.iter().map(|(f, _)| f.len()).max().unwrap_or(4).max(4);
-            println!("{:<w$}  {:<10}  {:>10}  top {}", "file", "label", "confidence", a.top_k);
+            let ood_head = if with_ood { format!("  {:>9}", "ood_score") } else { String::new() };
+            println!("{:<w$}  {:<10}  {:>10}{ood_head}  top {}", "file", "label", "confidence", a.top_k);
             for (f, r) in &results {
                 let top: Vec<String> = r.top_k.iter().map(|t| format!("{} {:.3}", t.label, t.probability)).collect();
-                println!("{f:<w$}  {:<10}  {:>10.4}  {}", r.label, r.confidence, top.join(", "));
+                let ood = r.ood_score.map(|s| format!("  {s:>9.3}")).unwrap_or_default();
+                let why = match r.reason {
+                    Some(inference::answer::OUT_OF_DISTRIBUTION) => format!(
+                        "  (out of distribution: score {:.2} > {:.2}; this does not look like {})",
+                        r.ood_score.unwrap_or(f32::NAN),
+                        r.ood_threshold.unwrap_or(f32::NAN),
+                        inference::answer::class_list(&classes)
+                    ),
+                    Some(other) => format!("  ({})", other.replace('_', " ")),
+                    None => String::new(),
+                };
+                println!("{f:<w$}  {:<10}  {:>10.4}{ood}  {}{why}", r.label, r.confidence, top.join(", "));
             }
         }
         Format::Json => {
             let preds: Vec<serde_json::Value> = results
                 .iter()
-                .map(|(f, r)| serde_json::json!({"file": f, "label": r.label, "confidence": r.confidence, "top_k": r.top_k}))
+                .map(|(f, r)| {
+                    let mut v = serde_json::to_value(r).expect("serializable");
+                    v["file"] = serde_json::json!(f);
+                    v
+                })
                 .collect();
             let errs: Vec<serde_json::Value> =
                 errors.iter().map(|(f, e)| serde_json::json!({"file": f, "error": e})).collect();
+            let ood = model.info.ood.as_ref().filter(|_| with_ood).map(|o| o.threshold);
             let out = serde_json::json!({
-                "model": {"name": model.info.description.name, "version": model.info.model_version},
+                "model": {"name": model.info.description.name, "version": model.info.model_version, "ood_threshold": ood},
                 "predictions": preds,
                 "errors": errs,
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         Format::Csv => {
-            println!("file,label,confidence,top_k");
+            println!("file,label,confidence,top_k,reason,ood_score,ood_threshold");
             for (f, r) in &results {
                 let top: Vec<String> = r.top_k.iter().map(|t| format!("{}:{:.4}", t.label, t.probability)).collect();
                 let quoted = format!("\"{}\"", f.replace('"', "\"\""));
-                println!("{quoted},{},{:.6},{}", r.label, r.confidence, top.join(";"));
+                let num = |v: Option<f32>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
+                println!(
+                    "{quoted},{},{:.6},{},{},{},{}",
+                    r.label,
+                    r.confidence,
+                    top.join(";"),
+                    r.reason.unwrap_or_default(),
+                    num(r.ood_score),
+                    num(r.ood_threshold)
+                );
             }
         }
     }
+    let far = results.iter().filter(|(_, r)| r.reason == Some(inference::answer::OUT_OF_DISTRIBUTION)).count();
     tracing::info!(
-        "{} images predicted in {:.2} s ({:.1} images/s), {} errors",
+        "{} images predicted in {:.2} s ({:.1} images/s), {} errors{}",
         results.len(),
         secs,
         results.len() as f64 / secs.max(1e-9),
-        errors.len()
+        errors.len(),
+        if with_ood { format!(", {far} out of distribution (`unknown`)") } else { String::new() }
     );
     Ok(if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) })
 }
@@ -346,6 +394,7 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
         token: a.token.clone(),
         top_k: a.top_k,
         threshold: a.threshold,
+        ood: a.ood == OodSwitch::On,
         cors_origins: a.cors_origins.clone(),
         ..ServeConfig::default()
     };
@@ -444,6 +493,8 @@ fn info(m: &ModelArgs) -> anyhow::Result<ExitCode> {
         "calibration": i.calibration,
         "int8_weight_bits": i.int8_weight_bits(),
         "test_time_augmentation": i.test_time_augmentation,
+        "ood": i.ood,
+        "ood_score_output": model.has_ood_score,
         "execution_provider": model.provider,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);

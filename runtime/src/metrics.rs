@@ -60,6 +60,12 @@ pub struct Metrics {
     memory_bound: Gauge,
     reloads: Family<ResultLabels, Counter>,
     model_version: Gauge,
+    unknown: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -102,7 +108,19 @@ impl Metrics {
         let model_version = Gauge::default();
         registry.register("model_reloads", "Model reloads by result (ok, refused)", reloads.clone());
         registry.register("model_version", "The version of the model serving", model_version.clone());
+        let unknown = Family::<ReasonLabels, Counter>::default();
+        // Both reasons from the start, so that a dashboard sees zeros rather than no series.
+        for r in [inference::answer::OUT_OF_DISTRIBUTION, inference::answer::LOW_CONFIDENCE] {
+            let _ = unknown.get_or_create(&ReasonLabels { reason: r.into() });
+        }
+        registry.register(
+            "unknown_answers",
+            "Images answered `unknown` by reason (out_of_distribution: unlike the training photos; \
+             low_confidence: below --threshold), on every route",
+            unknown.clone(),
+        );
         Self {
+            unknown,
             reloads,
             model_version,
             registry,
@@ -145,6 +163,13 @@ impl Metrics {
                 panics.inc();
             }
         })
+    }
+
+    /// The reasons of a request's answers (`None`: a class was given).
+    pub fn answered(&self, reasons: impl IntoIterator<Item = Option<&'static str>>) {
+        for r in reasons.into_iter().flatten() {
+            self.unknown.get_or_create(&ReasonLabels { reason: r.into() }).inc();
+        }
     }
 
     /// How long one request waited for its batch.

@@ -27,6 +27,9 @@ pub struct Served {
     pub size: usize,
     pub preprocessing: modelspec::Preprocessing,
     pub precision: String,
+    /// The file's out-of-distribution threshold (its `ood_score` output), `None` for a file
+    /// without it or with `--ood off`.
+    pub ood: Option<modelspec::onnx_meta::OodMeta>,
     pub file: PathBuf,
     /// When it was swapped in, milliseconds since the epoch.
     pub loaded_ms: u64,
@@ -41,17 +44,20 @@ impl Served {
     /// Checks and warms up every session (one image of zeros each: ONNX Runtime allocates and
     /// plans on its first run, which would otherwise land on the first client), then starts
     /// their batcher. An error says which check failed; nothing is started then.
+    /// `ood`: answer `unknown` beyond the file's out-of-distribution threshold (when it has one).
     pub fn start(
         mut sessions: Vec<OnnxModel>,
         file: &Path,
         batch: BatchConfig,
         observe: BatchObserver,
+        ood: bool,
     ) -> anyhow::Result<Self> {
         let Some(first) = sessions.first() else { bail!("no session to serve {}", file.display()) };
         let d = &first.info.description;
         let (name, classes, size) = (d.name.clone(), d.classes.clone(), d.input_size);
         let (version, precision) = (first.info.model_version.to_string(), first.info.precision.to_string());
         let preprocessing = d.preprocessing.clone();
+        let ood = first.info.ood.clone().filter(|_| ood);
         if classes.is_empty() || size == 0 {
             bail!("{}: the metadata names no classes or no input size", file.display());
         }
@@ -61,7 +67,8 @@ impl Served {
                 .with_context(|| format!("{}: warm-up run of session {i}", file.display()))?;
             let ok = p.len() == 1
                 && p[0].probabilities.len() == classes.len()
-                && p[0].probabilities.iter().chain(&p[0].logits).all(|v| v.is_finite());
+                && p[0].probabilities.iter().chain(&p[0].logits).all(|v| v.is_finite())
+                && (ood.is_none() || p[0].ood_score.is_some_and(f32::is_finite));
             if !ok {
                 bail!(
                     "{}: warm-up run of session {i} gave {} rows of {:?} for 1 image and {} classes",
@@ -87,6 +94,7 @@ impl Served {
             size,
             preprocessing,
             precision,
+            ood,
             file: file.to_path_buf(),
             loaded_ms: now_ms(),
             stats,

@@ -15,7 +15,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use inference::answer::{answer, Answer};
+use inference::answer::{answer, Answer, OodCheck};
 use inference::OnnxModel;
 use modelspec::preprocess::{self, ImageError, Source};
 use serde::{Deserialize, Serialize};
@@ -52,6 +52,9 @@ pub struct ServeConfig {
     pub max_decodes: usize,
     pub top_k: usize,
     pub threshold: f32,
+    /// Answer `unknown` for images beyond the file's out-of-distribution threshold (files
+    /// with the `ood_score` output); off: as a file without it.
+    pub ood: bool,
     /// Origins allowed to call the server from a browser (CORS); `*`: any; none: CORS off.
     pub cors_origins: Vec<String>,
 }
@@ -71,6 +74,7 @@ impl Default for ServeConfig {
             max_decodes: std::thread::available_parallelism().map_or(2, |n| n.get()),
             top_k: 3,
             threshold: 0.0,
+            ood: true,
             cors_origins: Vec::new(),
         }
     }
@@ -218,10 +222,10 @@ impl AppState {
         let t0 = Instant::now();
         let old = self.current();
         let (file, loader) = (self.reloader.file.clone(), self.reloader.loader.clone());
-        let (batch, observe) = (self.cfg.batch, self.metrics.batch_observer());
+        let (batch, observe, ood) = (self.cfg.batch, self.metrics.batch_observer(), self.cfg.ood);
         let loaded = tokio::task::spawn_blocking(move || {
             let sessions = loader(&file)?;
-            Served::start(sessions, &file, batch, observe)
+            Served::start(sessions, &file, batch, observe, ood)
         })
         .await
         .map_err(|e| format!("reload: {e}"))
@@ -451,8 +455,12 @@ async fn predict(
     let answers: Vec<NamedAnswer> = names
         .into_iter()
         .zip(&b.predictions)
-        .map(|(file, p)| NamedAnswer { file, answer: answer(&p.probabilities, &m.classes, k, threshold) })
+        .map(|(file, p)| {
+            let ood = OodCheck::of(p.ood_score, m.ood.as_ref(), true);
+            NamedAnswer { file, answer: answer(&p.probabilities, &m.classes, k, threshold, ood) }
+        })
         .collect();
+    s.metrics.answered(answers.iter().map(|a| a.answer.reason));
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mut body = json!({
         "model": {"name": m.name, "version": m.version},
@@ -463,6 +471,15 @@ async fn predict(
         body["label"] = json!(one.answer.label);
         body["confidence"] = json!(one.answer.confidence);
         body["top_k"] = json!(one.answer.top_k);
+        for (k, v) in [
+            ("reason", json!(one.answer.reason)),
+            ("ood_score", json!(one.answer.ood_score)),
+            ("ood_threshold", json!(one.answer.ood_threshold)),
+        ] {
+            if !v.is_null() {
+                body[k] = v;
+            }
+        }
     }
     body["predictions"] = json!(answers);
     Ok(Json(body))
@@ -475,7 +492,9 @@ async fn metrics_page(State(s): State<Arc<AppState>>) -> Response {
 
 async fn page(State(s): State<Arc<AppState>>) -> Html<String> {
     let name = s.current().name.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
-    Html(include_str!("../web/index.html").replace("{{MODEL}}", &name))
+    let classes = inference::answer::class_list(&s.current().classes);
+    let classes = classes.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;");
+    Html(include_str!("../web/index.html").replace("{{MODEL}}", &name).replace("{{CLASSES}}", &classes))
 }
 
 async fn not_found() -> ApiError {
@@ -641,7 +660,7 @@ pub fn state(
     cfg: ServeConfig,
 ) -> anyhow::Result<Arc<AppState>> {
     let metrics = Metrics::new();
-    let model = Served::start(sessions, &file, cfg.batch, metrics.batch_observer())?;
+    let model = Served::start(sessions, &file, cfg.batch, metrics.batch_observer(), cfg.ood)?;
     let bound = cfg.memory_bound_bytes(model.size);
     metrics.set_memory_bound(bound);
     tracing::info!("requests may take at most {} MiB on top of the loaded model (docs/reliability.md)", bound >> 20);

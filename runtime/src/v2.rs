@@ -10,7 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use modelspec::onnx_meta::{INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME};
+use modelspec::onnx_meta::{INPUT_NAME, LOGITS_NAME, OOD_SCORE_NAME, PROBABILITIES_NAME};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -92,21 +92,67 @@ pub fn check_pixel_count(m: &Served, got: usize, n: usize, shape: &[i64]) -> Res
     Ok(())
 }
 
-/// Checks requested output names (none: both outputs).
-pub fn output_names(names: Vec<String>) -> Result<Vec<String>, ApiError> {
-    let names = if names.is_empty() { vec![LOGITS_NAME.to_string(), PROBABILITIES_NAME.to_string()] } else { names };
-    if let Some(bad) = names.iter().find(|w| *w != LOGITS_NAME && *w != PROBABILITIES_NAME) {
+/// The outputs of the model served: `logits`, `probabilities` and, in files with the
+/// out-of-distribution output (unless `--ood off`), `ood_score`.
+pub fn outputs(m: &Served) -> Vec<&'static str> {
+    let mut o = vec![LOGITS_NAME, PROBABILITIES_NAME];
+    if m.ood.is_some() {
+        o.push(OOD_SCORE_NAME);
+    }
+    o
+}
+
+/// Checks requested output names (none: every output).
+pub fn output_names(m: &Served, names: Vec<String>) -> Result<Vec<String>, ApiError> {
+    let known = outputs(m);
+    let names = if names.is_empty() { known.iter().map(|s| s.to_string()).collect() } else { names };
+    if let Some(bad) = names.iter().find(|w| !known.contains(&w.as_str())) {
+        let list: Vec<String> = known.iter().map(|k| format!("`{k}`")).collect();
         return Err(ApiError::bad_request(
             "bad_outputs",
-            format!("unknown output `{bad}`; the outputs are `{LOGITS_NAME}` and `{PROBABILITIES_NAME}`"),
+            format!("unknown output `{bad}`; the outputs are {}", list.join(", ")),
         ));
     }
     Ok(names)
 }
 
+/// The shape of output `name` for `n` images: [n, classes], or [n] for `ood_score`.
+pub fn output_shape(m: &Served, name: &str, n: usize) -> Vec<i64> {
+    if name == OOD_SCORE_NAME {
+        vec![n as i64]
+    } else {
+        vec![n as i64, m.classes.len() as i64]
+    }
+}
+
 /// The rows of one output, flattened.
 pub fn output_values(b: &crate::batcher::Batched, name: &str) -> Vec<f32> {
-    b.predictions.iter().flat_map(|p| if name == LOGITS_NAME { &p.logits } else { &p.probabilities }).copied().collect()
+    match name {
+        OOD_SCORE_NAME => b.predictions.iter().map(|p| p.ood_score.unwrap_or(f32::NAN)).collect(),
+        LOGITS_NAME => b.predictions.iter().flat_map(|p| &p.logits).copied().collect(),
+        _ => b.predictions.iter().flat_map(|p| &p.probabilities).copied().collect(),
+    }
+}
+
+/// Counts the images of a v2 or gRPC answer beyond the out-of-distribution threshold (those
+/// clients read `ood_score` and decide themselves; the counter says what the runtime would).
+pub fn count_unknown(s: &AppState, m: &Served, b: &crate::batcher::Batched) {
+    s.metrics.answered(b.predictions.iter().map(|p| {
+        inference::answer::OodCheck::of(p.ood_score, m.ood.as_ref(), true)
+            .filter(|c| c.rejects())
+            .map(|_| inference::answer::OUT_OF_DISTRIBUTION)
+    }));
+}
+
+/// The metadata parameters of the model served: classes, precision and, with the output, the
+/// threshold above which `ood_score` means out of distribution.
+fn parameters(m: &Served) -> Value {
+    let mut p = json!({"classes": m.classes, "precision": m.precision});
+    if let Some(o) = &m.ood {
+        p["ood_threshold"] = json!(o.threshold);
+        p["ood_method"] = json!(o.method);
+    }
+    p
 }
 
 /// Model metadata as `/v2/models/{name}` answers it.
@@ -117,11 +163,11 @@ pub fn metadata(m: &Served) -> Value {
         "versions": [m.version],
         "platform": "onnxruntime_onnx",
         "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, n, n, 3]}],
-        "outputs": [
-            {"name": LOGITS_NAME, "datatype": "FP32", "shape": [-1, c]},
-            {"name": PROBABILITIES_NAME, "datatype": "FP32", "shape": [-1, c]},
-        ],
-        "parameters": {"classes": m.classes, "precision": m.precision},
+        "outputs": outputs(m).iter().map(|o| {
+            let shape = if *o == OOD_SCORE_NAME { json!([-1]) } else { json!([-1, c]) };
+            json!({"name": o, "datatype": "FP32", "shape": shape})
+        }).collect::<Vec<_>>(),
+        "parameters": parameters(m),
     })
 }
 
@@ -136,10 +182,12 @@ fn config(s: &AppState, m: &Served) -> Value {
         "version_policy": {"latest": {"num_versions": 1}},
         "max_batch_size": s.cfg.max_images,
         "input": [{"name": INPUT_NAME, "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC", "dims": [n, n, 3]}],
-        "output": [
-            {"name": LOGITS_NAME, "data_type": "TYPE_FP32", "dims": [c]},
-            {"name": PROBABILITIES_NAME, "data_type": "TYPE_FP32", "dims": [c]},
-        ],
+        // One value per image: Triton writes it as dims [1] reshaped to [] (a batch of N gives [N]).
+        "output": outputs(m).iter().map(|o| if *o == OOD_SCORE_NAME {
+            json!({"name": o, "data_type": "TYPE_FP32", "dims": [1], "reshape": {"shape": []}})
+        } else {
+            json!({"name": o, "data_type": "TYPE_FP32", "dims": [c]})
+        }).collect::<Vec<_>>(),
         "dynamic_batching": {
             "preferred_batch_size": [b.max_batch],
             "max_queue_delay_microseconds": b.max_delay.as_micros() as u64,
@@ -149,6 +197,7 @@ fn config(s: &AppState, m: &Served) -> Value {
             "classes": {"string_value": m.classes.join(",")},
             "precision": {"string_value": m.precision},
             "file": {"string_value": m.file.display().to_string()},
+            "ood_threshold": {"string_value": m.ood.as_ref().map(|o| o.threshold.to_string()).unwrap_or_default()},
         },
     })
 }
@@ -382,9 +431,9 @@ pub async fn infer(
     }
     let binary_of: Vec<(String, bool)> =
         requested.iter().map(|o| (o.name.clone(), o.parameters.binary_data.unwrap_or(all_binary))).collect();
-    let names = output_names(binary_of.iter().map(|(n, _)| n.clone()).collect())?;
+    let names = output_names(&m, binary_of.iter().map(|(n, _)| n.clone()).collect())?;
     let b = s.infer(&m, pixels, n, t0).await?;
-    let c = m.classes.len();
+    count_unknown(&s, &m, &b);
     let mut blob = Vec::new();
     let outputs: Vec<Value> = names
         .iter()
@@ -394,9 +443,13 @@ pub async fn infer(
             let mut o = Map::new();
             o.insert("name".into(), json!(name));
             o.insert("datatype".into(), json!("FP32"));
-            o.insert("shape".into(), json!([n, c]));
+            o.insert("shape".into(), json!(output_shape(&m, name, n)));
+            if let (OOD_SCORE_NAME, Some(t)) = (name.as_str(), &m.ood) {
+                o.insert("parameters".into(), json!({"threshold": t.threshold}));
+            }
             if binary {
-                o.insert("parameters".into(), json!({"binary_data_size": values.len() * 4}));
+                let p = o.entry("parameters").or_insert_with(|| json!({}));
+                p["binary_data_size"] = json!(values.len() * 4);
                 blob.extend(values.iter().flat_map(|v| v.to_le_bytes()));
             } else {
                 o.insert("data".into(), json!(values));

@@ -49,18 +49,7 @@ pub fn head_logits(net: &Classifier, features: &[f32], dev: &Device) -> anyhow::
     Ok(head.forward_t(&x, false)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// The p-quantile of `v` (linear interpolation, as numpy's default).
-pub fn quantile(v: &[f32], p: f64) -> f32 {
-    let mut s = v.to_vec();
-    s.sort_by(f32::total_cmp);
-    if s.is_empty() {
-        return f32::NAN;
-    }
-    let pos = p.clamp(0.0, 1.0) * (s.len() - 1) as f64;
-    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-    let t = (pos - lo as f64) as f32;
-    s[lo] * (1.0 - t) + s[hi] * t
-}
+pub use models::ood::quantile;
 
 /// Fits the score of the run in `run_dir` on its caches and writes it there; returns the fit,
 /// with the network and every split's features for a caller that wants more.
