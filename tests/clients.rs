@@ -42,7 +42,9 @@ fn pixels(onnx: &Path, photos: &[PathBuf]) -> (Vec<u8>, usize) {
     (d.pixels, size)
 }
 
-fn predict_label(url: &str, photo: &Path) -> (String, Vec<f64>) {
+/// The best class of a photo by /v1/predict (its top class: the label, unless the photo is
+/// out of distribution), its probabilities by class name, and its `ood_score`.
+fn predict_label(url: &str, photo: &Path) -> (String, Vec<f64>, Option<f64>) {
     let r = client().post(format!("{url}/v1/predict?top_k=3")).body(std::fs::read(photo).unwrap()).send().unwrap();
     let (status, v) = json(r);
     assert_eq!(status, 200, "{v}");
@@ -53,7 +55,11 @@ fn predict_label(url: &str, photo: &Path) -> (String, Vec<f64>) {
         .map(|t| (t["label"].as_str().unwrap().into(), t["probability"].as_f64().unwrap()))
         .collect();
     top.sort_by(|a, b| a.0.cmp(&b.0));
-    (v["label"].as_str().unwrap().to_string(), top.into_iter().map(|t| t.1).collect())
+    let best = v["top_k"][0]["label"].as_str().unwrap().to_string();
+    if v["reason"] != json!("out_of_distribution") {
+        assert_eq!(v["label"].as_str(), Some(best.as_str()), "{v}");
+    }
+    (best, top.into_iter().map(|t| t.1).collect(), v["ood_score"].as_f64())
 }
 
 fn rows(v: &Value) -> Vec<Vec<f64>> {
@@ -118,9 +124,26 @@ fn triton_clients_over_http_binary_json_and_grpc_label_real_photos() {
         }
     }
     let logits = rows(&seen["grpc_default_logits"]);
+    // The out-of-distribution output: listed by both protocols, one score per image, the same
+    // through tritonclient's HTTP and gRPC as through /v1/predict.
+    for k in ["http_model_metadata", "grpc_model_metadata"] {
+        let names: Vec<&str> =
+            seen[k]["outputs"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["logits", "probabilities", "ood_score"], "{k}");
+    }
+    let scores: Vec<Vec<f64>> = ["http_default_ood_score", "grpc_default_ood_score"]
+        .iter()
+        .map(|k| {
+            seen[*k].as_array().unwrap_or_else(|| panic!("{k}: none")).iter().map(|x| x.as_f64().unwrap()).collect()
+        })
+        .collect();
+    assert_eq!(scores[0].len(), files.len());
+    assert_eq!(scores[0], scores[1]);
     let mut right = 0;
     for (i, (photo, class)) in photos.iter().enumerate() {
-        let (label, probs) = predict_label(&server.url, photo);
+        let (label, probs, ood) = predict_label(&server.url, photo);
+        let ood = ood.expect("an ood_score");
+        assert!((ood - scores[0][i]).abs() <= 1e-5 * ood.abs().max(1.0), "{ood} vs {}", scores[0][i]);
         let classes = ["boot", "sandal", "shoe"];
         assert_eq!(classes[argmax(&reference[i])], label, "{}", photo.display());
         assert_eq!(argmax(&logits[i]), argmax(&reference[i]));

@@ -88,6 +88,19 @@ pub fn export_options(run_dir: &Path, out: &Path, model_version: i64, flip_avera
     }
 }
 
+/// A copy of the exported file `src` at `dst` whose out-of-distribution threshold is
+/// `threshold` (0: every image is out of distribution), the graph unchanged.
+pub fn with_ood_threshold(src: &Path, dst: &Path, threshold: f32) {
+    use prost::Message;
+    let mut m = candle_onnx::onnx::ModelProto::decode(std::fs::read(src).unwrap().as_slice()).unwrap();
+    let key = modelspec::onnx_meta::OOD;
+    let meta = m.metadata_props.iter().find(|p| p.key == key).expect("the file has an ood threshold");
+    let mut ood: modelspec::onnx_meta::OodMeta = serde_json::from_str(&meta.value).unwrap();
+    ood.threshold = threshold;
+    exporter::ood::put_meta(&mut m, &ood).unwrap();
+    std::fs::write(dst, m.encode_to_vec()).unwrap();
+}
+
 /// A running `footwear serve`, stopped with SIGTERM on drop.
 pub struct Server {
     pub child: Child,

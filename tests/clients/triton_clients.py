@@ -51,6 +51,9 @@ inp.set_data_from_numpy(x)
 r = h.infer(a.model, [inp])
 seen["http_default_probabilities"] = r.as_numpy("probabilities").tolist()
 seen["http_default_logits"] = r.as_numpy("logits").tolist()
+# The out-of-distribution score, in files that have it: one value per image.
+ood = r.as_numpy("ood_score")
+seen["http_default_ood_score"] = None if ood is None else ood.tolist()
 bad = httpclient.InferInput("image", [1, 7, 7, 3], "UINT8")
 bad.set_data_from_numpy(np.zeros((1, 7, 7, 3), dtype=np.uint8))
 try:
@@ -74,6 +77,8 @@ seen["grpc"] = r.as_numpy("probabilities").tolist()
 seen["grpc_response"] = {k: v for k, v in r.get_response(as_json=True).items() if k not in ("outputs", "raw_output_contents")}
 r = g.infer(a.model, [gi])
 seen["grpc_default_logits"] = r.as_numpy("logits").tolist()
+ood = r.as_numpy("ood_score")
+seen["grpc_default_ood_score"] = None if ood is None else ood.tolist()
 bad = grpcclient.InferInput("image", [1, 7, 7, 3], "UINT8")
 bad.set_data_from_numpy(np.zeros((1, 7, 7, 3), dtype=np.uint8))
 try:
