@@ -31,7 +31,7 @@ impl OodCheck {
     /// Beyond the threshold (a score that is not a number counts as beyond: it is no photo the
     /// model knows).
     pub fn rejects(&self) -> bool {
-        !(self.score <= self.threshold)
+        self.score.is_nan() || self.score > self.threshold
     }
 }
 
