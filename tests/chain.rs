@@ -461,7 +461,10 @@ fn web_page_in_headless_chromium_uploads_a_photo_and_shows_its_label() {
     let (text, bars, error, layout, shot, (ood_text, ood_detail, ood_bars)) = shown;
     println!("out-of-distribution answer shown as: {ood_text} / {ood_detail}");
     assert_eq!(ood_text, "unknown: this does not look like a boot, a sandal or a shoe");
-    assert!(ood_detail.starts_with("out-of-distribution score ") && ood_detail.contains("(above 0.00 "), "{ood_detail}");
+    assert!(
+        ood_detail.starts_with("out-of-distribution score ") && ood_detail.contains("(above 0.00 "),
+        "{ood_detail}"
+    );
     assert_eq!(ood_bars, 3, "the classes are still ranked");
     println!("page shows: {text}; layout {layout}");
     // The screenshot in docs/ comes from here (1200 x 900).

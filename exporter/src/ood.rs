@@ -50,10 +50,11 @@ pub fn add_fit(
     };
     if info.method != ood::METHOD {
         bail!(
-            "{}: method `{}`, this exporter builds `{}`",
+            "{}: method `{}`, this exporter builds `{}` (docs/ood.md): `trainer ood {}` refits it, or export with --no-ood",
             run_dir.join(ood::OOD_INFO).display(),
             info.method,
-            ood::METHOD
+            ood::METHOD,
+            run_dir.display()
         );
     }
     let (d, k) = (fit.dim, fit.classes);

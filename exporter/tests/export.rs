@@ -146,7 +146,7 @@ fn small_trained_model_exports_with_the_trainers_accuracy_and_a_triton_layout() 
     // scores, its threshold set on the 18 validation photos.
     assert!(r.engines.iter().all(|e| e.max_rel_diff_ood_score.is_some_and(|d| d <= 1e-3)), "{r}");
     let ood = e.ood.clone().unwrap();
-    assert_eq!((ood.method.as_str(), ood.photos, ood.rejection_rate), ("mahalanobis", 18, 0.01));
+    assert_eq!((ood.method.as_str(), ood.photos, ood.rejection_rate), ("mahalanobis_l2", 18, 0.01));
     assert_eq!(ood.fitted_on, [6, 6, 6]);
     // The samples came from the run's own test split (its model.json names the data).
     assert!(r.samples.iter().all(|s| s.contains("/test/")), "{:?}", r.samples);

@@ -1,14 +1,22 @@
-//! How unlike the training photos an image is: the class-conditional Mahalanobis distance of its
-//! pooled features (Lee et al., 2018), with one covariance shared by the classes and shrunk
-//! towards a multiple of the identity by the Ledoit-Wolf rule (so that a folder of a few hundred
-//! photos, fewer than the 2,048 features, still gives a well-conditioned estimate).
+//! How unlike the training photos an image is: the class-conditional Mahalanobis distance (Lee et
+//! al., 2018) of its pooled features, **L2-normalised first** (Mahalanobis++, Mueller & Hein,
+//! 2025), with one covariance shared by the classes and shrunk towards a multiple of the identity
+//! by the Ledoit-Wolf rule (so that a folder of a few hundred photos, fewer than the 2,048
+//! features, still gives a well-conditioned estimate).
 //!
-//! The score of features `x` is `min over classes c of |(x - mean_c) L^-T|^2 / D`, with
-//! `S = L L^T` the shrunk covariance and `D` the number of features: about 1 for a typical
-//! training photo, larger the further an image lies from every class. It is stored as the
-//! whitening `P = L^-T` and the whitened class means `mean_c P`, so that the score is one matrix
-//! product, a subtraction and two reductions: the ONNX graph computes it (`onnxgraph`) and
-//! [`Ood::scores`] is the reference it is checked against.
+//! Why normalised: the pooled features' length varies a lot from photo to photo (contrast,
+//! how much of the frame the object fills), and the shared covariance learns that variance along
+//! the class means; an image whose features are small everywhere (a flat colour, noise, a page
+//! of text) then lies close to every class mean and scores *lower* than real photos. On unit
+//! vectors only the direction counts (docs/ood.md has the figures of both).
+//!
+//! The score of features `x`, with `u = x / |x|`, is `min over classes c of |(u - mean_c) L^-T|^2
+//! / D`, with `S = L L^T` the shrunk covariance of the normalised training features and `D` the
+//! number of features: about 1 for a typical training photo, larger the further an image lies
+//! from every class. It is stored as the whitening `P = L^-T` and the whitened class means
+//! `mean_c P`, so that the score is a normalisation, one matrix product, a subtraction and two
+//! reductions: the ONNX graph computes it (`onnxgraph`) and [`Ood::scores`] is the reference it
+//! is checked against.
 //!
 //! `ood.safetensors` in a model directory holds [`PROJECTION`] [D, D] and [`CENTRES`] [K, D];
 //! `ood.json` says how it was fitted ([`OodFit`]).
@@ -27,8 +35,20 @@ pub const OOD_INFO: &str = "ood.json";
 pub const PROJECTION: &str = "ood.projection";
 /// The whitened class means [K, D].
 pub const CENTRES: &str = "ood.centres";
-/// The score's name in the metadata and the docs.
-pub const METHOD: &str = "mahalanobis";
+/// The score's name in the metadata and the docs (Mahalanobis on L2-normalised features). Fits
+/// of the first version, `mahalanobis` (of the raw features), are refused by the exporter: `trainer
+/// ood RUN` refits them.
+pub const METHOD: &str = "mahalanobis_l2";
+
+/// Added to the squared length before its square root (the graph does the same): a vector of
+/// zeros stays zeros instead of dividing by zero.
+pub const NORM_EPS: f64 = 1e-12;
+
+/// `x / sqrt(|x|^2 + NORM_EPS)`, in f64.
+pub fn unit(x: &[f32]) -> Vec<f64> {
+    let n = (x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() + NORM_EPS).sqrt();
+    x.iter().map(|&v| v as f64 / n).collect()
+}
 
 /// The fitted score.
 #[derive(Debug, Clone)]
@@ -68,11 +88,13 @@ impl Ood {
         if let Some(c) = counts.iter().position(|&c| c < 2) {
             return Err(bad(format!("class {c} has {} photos: at least 2 are needed", counts[c])));
         }
-        // Class means, then the features centred on their class's mean (in f64).
+        // The normalised features, their class means, then the features centred on their
+        // class's mean (in f64).
+        let features: Vec<f64> = features.chunks_exact(dim).flat_map(unit).collect();
         let mut means = vec![0f64; classes * dim];
         for (row, &l) in features.chunks_exact(dim).zip(labels) {
             for (m, &x) in means[l as usize * dim..][..dim].iter_mut().zip(row) {
-                *m += x as f64;
+                *m += x;
             }
         }
         for (c, &k) in counts.iter().enumerate() {
@@ -81,7 +103,7 @@ impl Ood {
         let mut centred = vec![0f64; n * dim];
         for ((out, row), &l) in centred.chunks_exact_mut(dim).zip(features.chunks_exact(dim)).zip(labels) {
             for ((o, &x), m) in out.iter_mut().zip(row).zip(&means[l as usize * dim..][..dim]) {
-                *o = x as f64 - m;
+                *o = x - m;
             }
         }
         let (cov, shrinkage) = ledoit_wolf(&centred, n, dim)?;
@@ -111,9 +133,9 @@ impl Ood {
             .chunks_exact(d)
             .map(|x| {
                 let mut z = vec![0f64; d];
-                for (i, &xi) in x.iter().enumerate() {
+                for (i, xi) in unit(x).into_iter().enumerate() {
                     for (zj, &p) in z.iter_mut().zip(&self.projection[i * d..][..d]) {
-                        *zj += xi as f64 * p as f64;
+                        *zj += xi * p as f64;
                     }
                 }
                 let best = self
@@ -216,8 +238,9 @@ fn ledoit_wolf(x: &[f64], n: usize, p: usize) -> Result<(DMatrix<f64>, f64)> {
 mod tests {
     use super::*;
 
-    /// Two Gaussian classes in 6 dimensions: the score of a point is its squared Mahalanobis
-    /// distance to the nearer mean over D, computed directly with the inverse covariance.
+    /// Two classes in 6 dimensions, around (10, 0, ...) and (0, 10, 0, ...): the score of a point
+    /// is the squared Mahalanobis distance of its direction to the nearer mean direction over D,
+    /// computed directly with the inverse covariance of the normalised features.
     #[test]
     fn scores_are_the_mahalanobis_distance_to_the_nearest_class() {
         let (d, n) = (6, 400);
@@ -233,46 +256,56 @@ mod tests {
             let c = (i % 2) as u32;
             for j in 0..d {
                 let spread = 1.0 + j as f32;
-                f.push(c as f32 * 5.0 + spread * (uniform() - 0.5));
+                let centre = if j == c as usize { 10.0 } else { 0.0 };
+                f.push(centre + spread * (uniform() - 0.5));
             }
             labels.push(c);
         }
         let (ood, fit) = Ood::fit(&f, &labels, d, 2).unwrap();
         assert_eq!(fit.photos, vec![200, 200]);
         assert!((0.0..=1.0).contains(&fit.shrinkage));
-        // The same covariance, shrunk, inverted directly.
+        // The same covariance of the unit vectors, shrunk, inverted directly.
+        let norm = |r: &[f32]| r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
         let mut means = vec![vec![0f64; d]; 2];
         for (r, &l) in f.chunks(d).zip(&labels) {
             for j in 0..d {
-                means[l as usize][j] += r[j] as f64 / 200.0;
+                means[l as usize][j] += r[j] as f64 / norm(r) / 200.0;
             }
         }
         let mut s = DMatrix::<f64>::zeros(d, d);
         for (r, &l) in f.chunks(d).zip(&labels) {
-            let v = DMatrix::from_iterator(d, 1, (0..d).map(|j| r[j] as f64 - means[l as usize][j]));
+            let v = DMatrix::from_iterator(d, 1, (0..d).map(|j| r[j] as f64 / norm(r) - means[l as usize][j]));
             s += &v * v.transpose() / n as f64;
         }
         let mu = s.trace() / d as f64;
         let s = s * (1.0 - fit.shrinkage) + DMatrix::identity(d, d) * (fit.shrinkage * mu);
         let inv = s.try_inverse().unwrap();
-        let probes = [vec![0.0f32; 6], vec![5.0; 6], vec![2.5, 0.0, 9.0, -3.0, 1.0, 20.0]];
+        let probes = [vec![1.0f32; 6], vec![10.0, 0.5, 0.0, 0.0, 0.0, 0.0], vec![2.5, 0.0, 9.0, -3.0, 1.0, 20.0]];
         for x in probes {
             let got = ood.scores(&x)[0] as f64;
             let want = means
                 .iter()
                 .map(|m| {
-                    let v = DMatrix::from_iterator(d, 1, (0..d).map(|j| x[j] as f64 - m[j]));
+                    let v = DMatrix::from_iterator(d, 1, (0..d).map(|j| x[j] as f64 / norm(&x) - m[j]));
                     (v.transpose() * &inv * &v)[(0, 0)]
                 })
                 .fold(f64::INFINITY, f64::min)
                 / d as f64;
             assert!((got - want).abs() <= 1e-4 * want.max(1.0), "{got} vs {want}");
         }
-        // Far points score higher than the training points' typical 1.
+        // A point in another direction scores far higher than the training points' typical 1,
+        // however long or short it is; the length of a training direction does not matter.
         let train: Vec<f32> = ood.scores(&f);
         let mean = train.iter().sum::<f32>() / n as f32;
         assert!(mean < 1.5, "{mean}");
-        assert!(ood.scores(&[50.0; 6])[0] > 10.0 * mean);
+        for len in [0.01f32, 1.0, 100.0] {
+            assert!(ood.scores(&[0.0, 0.0, 0.0, 0.0, 0.0, len])[0] > 10.0 * mean, "length {len}");
+        }
+        let a = ood.scores(&[10.0, 0.3, 0.0, 0.0, 0.0, 0.0])[0];
+        let b = ood.scores(&[0.1, 0.003, 0.0, 0.0, 0.0, 0.0])[0];
+        assert!(a < 1.5 * mean && (a - b).abs() <= 1e-5 * a, "{a} vs {b}");
+        // Zeros (a black image's features after a ReLU) stay finite.
+        assert!(ood.scores(&[0.0; 6])[0].is_finite());
     }
 
     #[test]

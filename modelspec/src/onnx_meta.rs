@@ -58,8 +58,9 @@ pub const OOD_SCORE_NAME: &str = "ood_score";
 /// computes and the threshold above which a runtime answers `unknown`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OodMeta {
-    /// The score (`mahalanobis`: the class-conditional Mahalanobis distance of the pooled
-    /// features, shared covariance, divided by the number of features).
+    /// The score (`mahalanobis_l2`: the class-conditional Mahalanobis distance of the pooled
+    /// features' direction, shared covariance, divided by the number of features; files of the
+    /// first version say `mahalanobis`, of the raw features).
     pub method: String,
     /// Images scoring above it are out of distribution.
     pub threshold: f32,

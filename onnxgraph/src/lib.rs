@@ -12,8 +12,9 @@
 //! - Outputs `logits` and `probabilities` (softmax), float32, [N, classes]; a model without a
 //!   head gives `features` [N, 2048].
 //! - With the out-of-distribution fit of `models::ood` among the weights ([`ood::PROJECTION`],
-//!   [`ood::CENTRES`]), a third output `ood_score`, float32 [N]: `min_c |f·P − centre_c|² / D` of
-//!   the pooled features `f` (`MatMul`, `Sub`, `Mul`, `ReduceSum`, `ReduceMin`), computed in
+//!   [`ood::CENTRES`]), a third output `ood_score`, float32 [N]: `min_c |u·P − centre_c|² / D` of
+//!   the pooled features' direction `u = f / |f|` (`Mul`, `ReduceSum`, `Sqrt`, `Div`, then
+//!   `MatMul`, `Sub`, `Mul`, `ReduceSum`, `ReduceMin`), computed in
 //!   float32 whatever the file's precision (an f16 sum of 2,048 squares can overflow; a float16
 //!   file stores the fit in float16; the int8 file keeps it float32 and reads the float pooled
 //!   features, not their uint8 copy).
@@ -186,6 +187,14 @@ impl<'w> Builder<'w> {
             let halves = self.node("Reshape", "ood/flip/halves", &[&x, &shape], vec![]);
             x = self.node("ReduceMean", "ood/flip/mean", &[&halves], vec![ints("axes", &[0]), int("keepdims", 0)]);
         }
+        // The features' direction only (models::ood): x / sqrt(|x|^2 + eps).
+        let sq = self.node("Mul", "ood/unit/squares", &[&x, &x], vec![]);
+        let one = self.const_i64s("ood/unit/axis", &[1]);
+        let len2 = self.node("ReduceSum", "ood/unit/length2", &[&sq, &one], vec![int("keepdims", 1)]);
+        let eps = self.const_f32("ood/unit/eps", ood::NORM_EPS as f32);
+        let len2 = self.node("Add", "ood/unit/length2_eps", &[&len2, &eps], vec![]);
+        let len = self.node("Sqrt", "ood/unit/length", &[&len2], vec![]);
+        x = self.node("Div", "ood/unit", &[&x, &len], vec![]);
         // A float16 file stores them in float16 too (8 MiB instead of 16), cast once to float32
         // (ONNX Runtime folds the cast when it loads the file).
         let (pn, cn) = match self.precision {

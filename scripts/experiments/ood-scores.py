@@ -30,11 +30,18 @@ def ledoit_wolf(x):
     a = min(beta, delta) / delta
     return (1 - a) * s + a * mu * np.eye(p)
 
-means = np.stack([tr[ytr == c].mean(0) for c in range(k)])
-cov = ledoit_wolf(tr - means[ytr])
-prec = np.linalg.inv(cov)
-def maha(f):
-    return np.min(np.stack([np.einsum("ij,jk,ik->i", f - m, prec, f - m) for m in means]), 0) / 2048
+def unit(f):
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+def fit_maha(x):
+    means = np.stack([x[ytr == c].mean(0) for c in range(k)])
+    prec = np.linalg.inv(ledoit_wolf(x - means[ytr]))
+    return lambda f: np.min(np.stack([np.einsum("ij,jk,ik->i", f - m, prec, f - m) for m in means]), 0) / 2048
+maha = fit_maha(tr)
+# Mahalanobis++ (Mueller & Hein, 2025): the same on L2-normalised features, so that an image whose
+# features are small everywhere (a flat colour) is not near every class mean.
+maha_unit_fit = fit_maha(unit(tr))
+def maha_unit(f):
+    return maha_unit_fit(unit(f))
 trn = tr / np.linalg.norm(tr, axis=1, keepdims=True)
 def knn(f, kk=1):
     fn = f / np.linalg.norm(f, axis=1, keepdims=True)
@@ -49,6 +56,7 @@ scores = {
     "max softmax probability": lambda f, l: msp(l),
     "energy (-logsumexp logits)": lambda f, l: energy(l),
     "Mahalanobis, shared covariance (Ledoit-Wolf)": lambda f, l: maha(f),
+    "Mahalanobis on L2-normalised features (Mahalanobis++)": lambda f, l: maha_unit(f),
     "1-NN cosine to training features": lambda f, l: knn(f, 1),
     "10-NN cosine to training features": lambda f, l: knn(f, 10),
 }

@@ -39,8 +39,8 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Fit (again) the out-of-distribution score of a finished run (`ood.safetensors`; the exporter does not
-    /// build it into the ONNX file yet) from its feature caches.
+    /// Fit (again) the out-of-distribution score of a finished run (`ood.safetensors`, which the
+    /// exporter builds into the ONNX file as `ood_score`) from its feature caches.
     Ood(OodArgs),
     /// Print the default configuration as TOML.
     DefaultConfig,
