@@ -112,3 +112,180 @@ fn eight_hostile_requests_and_sixteen_good_photos_at_once() {
     assert!(peak_mib <= bound, "peak resident memory {peak_mib} MiB over the settings' bound {bound} MiB");
     assert!(server.stop().success());
 }
+
+/// A raw gRPC call over HTTP/2: the headers, then `body` (already framed), ended or left open.
+struct RawCall {
+    response: h2::client::ResponseFuture,
+    _stream: h2::SendStream<bytes::Bytes>,
+}
+
+async fn raw_call(
+    h2c: &mut h2::client::SendRequest<bytes::Bytes>,
+    authority: &str,
+    method: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+    end: bool,
+) -> RawCall {
+    let mut req = http::Request::post(format!("http://{authority}/inference.GRPCInferenceService/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let ready = h2c.clone().ready().await.unwrap();
+    *h2c = ready;
+    let (response, mut stream) = h2c.send_request(req.body(()).unwrap(), false).unwrap();
+    // The server may answer (and reset the stream) before it has read everything: a refused
+    // send is not an error here.
+    let _ = stream.send_data(bytes::Bytes::from(body), end);
+    RawCall { response, _stream: stream }
+}
+
+/// The call's `grpc-status` (in the headers of a trailers-only answer, else in the trailers).
+async fn grpc_status(call: RawCall) -> (u32, String) {
+    let r = call.response.await.unwrap();
+    let from = |h: &http::HeaderMap| {
+        h.get("grpc-status").map(|s| {
+            let msg = h.get("grpc-message").map(|m| m.to_str().unwrap_or("").to_string()).unwrap_or_default();
+            (s.to_str().unwrap().parse::<u32>().unwrap(), msg)
+        })
+    };
+    if let Some(s) = from(r.headers()) {
+        return s;
+    }
+    let mut body = r.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    from(&body.trailers().await.unwrap().expect("trailers")).expect("grpc-status")
+}
+
+/// A gRPC message frame: not compressed, its length, the bytes.
+fn frame(msg: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8];
+    f.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    f.extend_from_slice(msg);
+    f
+}
+
+/// gRPC, refused on the headers before any of the message is read (issue 27): calls that announce
+/// a message and never send it hold every inference permit, and still health, readiness and
+/// model metadata answer at once; a further inference call is refused `RESOURCE_EXHAUSTED`; four
+/// 16 MB `ModelInfer` messages of eight million empty `inputs` without the token (each once
+/// decoded into 2.5 GB) are refused `UNAUTHENTICATED` without growing the server.
+#[test]
+fn grpc_token_and_permits_are_checked_before_a_message_is_read() {
+    let t = trained();
+    let token = "hostile-test-token";
+    let server = Server::start(&t.onnx, &["--token", token, "--max-inflight", "2"]);
+    let pid = server.child.id();
+    let authority = server.grpc.clone().expect("a gRPC endpoint");
+    // The peak so far (the model's warm-up), before any call.
+    let loaded_mib = proc_mib(pid, "VmHWM:");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
+        let (mut h2c, conn) =
+            h2::client::Builder::new().initial_window_size(1 << 20).handshake::<_, bytes::Bytes>(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        // Two calls announce a 1 MB message, send 10 bytes of it and stall: both permits held.
+        let mut stalled = Vec::new();
+        for _ in 0..2 {
+            let mut head = vec![0u8];
+            head.extend_from_slice(&1_000_000u32.to_be_bytes());
+            head.extend_from_slice(&[0x0a; 10]);
+            stalled.push(raw_call(&mut h2c, &authority, "ModelInfer", Some(token), head, false).await);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let quick = |method: &'static str, token: Option<&'static str>, msg: Vec<u8>| {
+            let (mut h2c, authority) = (h2c.clone(), authority.clone());
+            async move {
+                let t0 = std::time::Instant::now();
+                let call = raw_call(&mut h2c, &authority, method, token, frame(&msg), true).await;
+                let status = tokio::time::timeout(Duration::from_secs(5), grpc_status(call)).await;
+                (status.unwrap_or_else(|_| panic!("{method}: no answer in 5 s")), t0.elapsed())
+            }
+        };
+        // ModelMetadataRequest { name: "footwear" }.
+        let metadata_msg = [&[0x0a, 8][..], b"footwear"].concat();
+        for (method, tok, msg) in [
+            ("ServerLive", None, vec![]),
+            ("ServerReady", None, vec![]),
+            ("ModelMetadata", Some(token), metadata_msg.clone()),
+            ("ModelReady", Some(token), metadata_msg.clone()),
+        ] {
+            let ((code, msg), took) = quick(method, tok, msg).await;
+            println!("{method} while both permits are held: status {code} in {took:?}");
+            assert_eq!(code, 0, "{method}: {msg}");
+            assert!(took < Duration::from_secs(1), "{method}: {took:?}");
+        }
+        let ((code, msg), _) = quick("ModelInfer", Some(token), metadata_msg.clone()).await;
+        assert_eq!(code, 8, "a third inference call: RESOURCE_EXHAUSTED, got {code} {msg}");
+        // A small call without the token is refused too.
+        let ((code, _), _) = quick("ModelMetadata", None, metadata_msg).await;
+        assert_eq!(code, 16, "UNAUTHENTICATED");
+        // Four 16 MB messages of empty `inputs` entries (field 5, length 0), no token.
+        let bomb = frame(&[0x2a, 0x00].repeat(8_000_000));
+        let mut calls = Vec::new();
+        for _ in 0..4 {
+            calls.push(raw_call(&mut h2c, &authority, "ModelInfer", None, bomb.clone(), true).await);
+        }
+        for c in calls {
+            let (code, msg) = grpc_status(c).await;
+            assert_eq!(code, 16, "UNAUTHENTICATED, got {code} {msg}");
+        }
+        drop(stalled);
+    });
+    let peak_mib = proc_mib(pid, "VmHWM:");
+    println!("gRPC: peak (VmHWM) {loaded_mib} MiB loaded, {peak_mib} MiB after the calls");
+    assert!(peak_mib <= loaded_mib + 100, "peak {peak_mib} MiB, {loaded_mib} MiB once loaded");
+    assert_eq!(json(client().get(format!("{}/v2/health/ready", server.url)).send().unwrap()).0, 200);
+    assert!(server.stop().success());
+}
+
+/// A reload changes the server: a web page of another site cannot ask for one (a browser's
+/// "simple" cross-site POST needs no preflight, and the server has no token by default), and a
+/// second load while one runs is refused rather than queued.
+#[test]
+fn reload_refuses_cross_site_requests_and_a_second_load_while_one_runs() {
+    let t = trained();
+    let server = Server::start(&t.onnx, &["--no-grpc"]);
+    let url = format!("{}/v2/repository/models/footwear/load", server.url);
+    let own = server.url.clone();
+    let c = client();
+    type Headers<'a> = Vec<(&'a str, &'a str)>;
+    let cases: Vec<(&str, Headers, u16)> = vec![
+        ("another site's page (Origin)", vec![("Origin", "https://evil.example"), ("Content-Type", "text/plain")], 403),
+        ("another site's page (Sec-Fetch-Site)", vec![("Sec-Fetch-Site", "cross-site")], 403),
+        ("a form's content type", vec![("Content-Type", "application/x-www-form-urlencoded")], 403),
+        ("text/plain, no Origin", vec![("Content-Type", "text/plain;charset=UTF-8")], 403),
+        ("this server's own page", vec![("Origin", own.as_str()), ("Content-Type", "application/json")], 200),
+        ("curl or Triton's client (no browser headers)", vec![], 200),
+    ];
+    for (what, headers, want) in cases {
+        let mut r = c.post(&url).body("{}");
+        for (k, v) in headers {
+            r = r.header(k, v);
+        }
+        let (s, v) = json(r.send().unwrap());
+        assert_eq!(s, want, "{what}: {v}");
+        if want == 403 {
+            assert_eq!(v["code"], "cross_site_request", "{what}: {v}");
+        }
+    }
+    // Two at once: one reloads (about a second: load, check, warm up), the other is refused.
+    let statuses: Vec<(u16, serde_json::Value)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..2).map(|_| sc.spawn(|| json(c.post(&url).body("{}").send().unwrap()))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut codes: Vec<u16> = statuses.iter().map(|(s, _)| *s).collect();
+    codes.sort();
+    assert_eq!(codes, [200, 409], "{statuses:?}");
+    let busy = &statuses.iter().find(|(s, _)| *s == 409).unwrap().1;
+    assert_eq!(busy["code"], "reload_running", "{busy}");
+    assert!(server.stop().success());
+}

@@ -248,7 +248,10 @@ impl GrpcInferenceService for Grpc {
                 r.parameters.keys().collect::<Vec<_>>()
             )));
         }
-        self.state.reload().await.map_err(Status::failed_precondition)?;
+        self.state.reload(false).await.map_err(|e| match e {
+            crate::server::ReloadError::Busy => Status::aborted(e.to_string()),
+            crate::server::ReloadError::Refused(e) => Status::failed_precondition(e),
+        })?;
         Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 }
@@ -266,5 +269,114 @@ impl From<ApiError> for Status {
             _ => tonic::Code::InvalidArgument,
         };
         Status::new(code, e.message().to_string())
+    }
+}
+
+/// What a gRPC call costs the server before its handler runs, by method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallKind {
+    /// Health and server metadata: no token, no inference permit, a small message.
+    Open,
+    /// Model readiness, metadata, statistics, the repository index: the token, a small message,
+    /// no inference permit (they never wait behind inference).
+    Small,
+    /// Inference and reload (and any method this server does not know): the token, then an
+    /// inference permit, then the message up to the server's limit.
+    Heavy,
+}
+
+fn call_kind(path: &str) -> CallKind {
+    match path.strip_prefix("/inference.GRPCInferenceService/") {
+        Some("ServerLive" | "ServerReady" | "ServerMetadata") => CallKind::Open,
+        Some("ModelReady" | "ModelMetadata" | "ModelStatistics" | "RepositoryIndex") => CallKind::Small,
+        _ => CallKind::Heavy,
+    }
+}
+
+/// The most a message of an [`CallKind::Open`] or [`CallKind::Small`] call may take: each is a
+/// model name, a version and a few parameters.
+const SMALL_MESSAGE: usize = 64 << 10;
+
+/// A tower layer in front of the gRPC routes that refuses on the request's headers, before a
+/// byte of the message is read or decoded: a missing or wrong token (`UNAUTHENTICATED`), and
+/// inference calls beyond `--max-inflight` (`RESOURCE_EXHAUSTED`, the permit held until the
+/// answer is built). Health, readiness and metadata take no permit, so that they answer while
+/// every permit is held, and their messages are cut at [`SMALL_MESSAGE`].
+#[derive(Clone)]
+pub struct Gate {
+    token: Option<Arc<str>>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl Gate {
+    pub fn new(token: Option<&str>, max_inflight: usize) -> Self {
+        Self { token: token.map(Arc::from), permits: Arc::new(tokio::sync::Semaphore::new(max_inflight)) }
+    }
+
+    fn authorized(&self, headers: &tonic::codegen::http::HeaderMap) -> bool {
+        let Some(token) = self.token.as_deref() else { return true };
+        let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        given.is_some_and(|g| crate::server::constant_time_eq(g.as_bytes(), token.as_bytes()))
+    }
+}
+
+impl<S> tower::Layer<S> for Gate {
+    type Service = Gated<S>;
+    fn layer(&self, inner: S) -> Gated<S> {
+        Gated { inner, gate: self.clone() }
+    }
+}
+
+/// The service [`Gate`] wraps.
+#[derive(Clone)]
+pub struct Gated<S> {
+    inner: S,
+    gate: Gate,
+}
+
+type HttpRequest = tonic::codegen::http::Request<tonic::body::Body>;
+
+impl<S, R> tower::Service<HttpRequest> for Gated<S>
+where
+    S: tower::Service<HttpRequest, Response = tonic::codegen::http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
+        // The clone that was made ready is the one that serves (tower's usual swap).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let refuse = |s: Status| -> Self::Future { Box::pin(async move { Ok(s.into_http()) }) };
+        let kind = call_kind(req.uri().path());
+        if kind != CallKind::Open && !self.gate.authorized(req.headers()) {
+            return refuse(Status::unauthenticated("missing or wrong `authorization: Bearer` token"));
+        }
+        match kind {
+            CallKind::Open | CallKind::Small => {
+                let req = req.map(|b| tonic::body::Body::new(http_body_util::Limited::new(b, SMALL_MESSAGE)));
+                Box::pin(inner.call(req))
+            }
+            CallKind::Heavy => {
+                let Ok(permit) = self.gate.permits.clone().try_acquire_owned() else {
+                    return refuse(Status::resource_exhausted(
+                        "the server is at --max-inflight calls; retry later (health and metadata still answer)",
+                    ));
+                };
+                Box::pin(async move {
+                    let answer = inner.call(req).await;
+                    drop(permit);
+                    answer
+                })
+            }
+        }
     }
 }

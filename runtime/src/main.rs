@@ -427,14 +427,15 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("binding {gaddr} (gRPC; --grpc-port, --no-grpc)"))?;
             let local = gl.local_addr()?;
-            // gRPC messages are read whole before a handler runs: at most --max-inflight calls in
-            // the server at once (the rest refused at once, without being read), at most 16
-            // streams per connection, so that many calls cannot each hold a message in memory.
+            // gRPC messages are read whole before a handler runs: the token is checked and an
+            // inference permit taken (at most --max-inflight calls, the rest refused at once)
+            // on the headers, before the message is read (grpc::Gate; health and metadata take
+            // no permit), at most 16 streams per connection, so that many calls cannot each
+            // hold a message in memory.
             let mut builder = tonic::transport::Server::builder()
                 .timeout(Duration::from_secs(a.request_timeout_s))
                 .max_concurrent_streams(16)
-                .layer(tower::load_shed::LoadShedLayer::new())
-                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(a.max_inflight));
+                .layer(runtime::grpc::Gate::new(a.token.as_deref(), a.max_inflight));
             let scheme = if let Some((_, cert, key)) = &tls {
                 let identity = tonic::transport::Identity::from_pem(cert, key);
                 builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
@@ -471,7 +472,7 @@ async fn reload_on_sighup(state: std::sync::Arc<server::AppState>) {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
     while hup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading {}", state.current().file.display());
-        let _ = state.reload().await;
+        let _ = state.reload(true).await;
     }
 }
 

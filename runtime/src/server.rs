@@ -108,6 +108,24 @@ pub struct AppState {
     decodes: Arc<Semaphore>,
 }
 
+/// Why a reload did not happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadError {
+    /// Another reload is running (a request does not queue behind it).
+    Busy,
+    /// The file failed a step; the old model keeps serving.
+    Refused(String),
+}
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Busy => f.write_str("a reload is already running; ask again once it has finished"),
+            Self::Refused(e) => f.write_str(e),
+        }
+    }
+}
+
 /// How a reload gets the new model: the file it reads, how to load its sessions, and one
 /// reload at a time.
 struct Reloader {
@@ -216,9 +234,15 @@ impl AppState {
     /// its metadata, warms every session up, and only then swaps it in; requests in flight
     /// finish on the old model, whose sessions stop when the last of them is done. A file that
     /// fails any step leaves the old model serving, and the error says why. One reload at a
-    /// time; the model's name may not change (clients address it by name).
-    pub async fn reload(&self) -> Result<Arc<Served>, String> {
-        let _one = self.reloader.busy.lock().await;
+    /// time: `wait` (SIGHUP) waits for one that is running, else ([`ReloadError::Busy`]) a
+    /// request for another is refused; the model's name may not change (clients address it by
+    /// name).
+    pub async fn reload(&self, wait: bool) -> Result<Arc<Served>, ReloadError> {
+        let _one = if wait {
+            self.reloader.busy.lock().await
+        } else {
+            self.reloader.busy.try_lock().map_err(|_| ReloadError::Busy)?
+        };
         let t0 = Instant::now();
         let old = self.current();
         let (file, loader) = (self.reloader.file.clone(), self.reloader.loader.clone());
@@ -261,7 +285,7 @@ impl AppState {
             Err(e) => {
                 self.metrics.reloaded(false, &old.version);
                 tracing::error!("reload refused, version {} keeps serving: {e}", old.version);
-                Err(format!("reload refused, version {} keeps serving: {e}", old.version))
+                Err(ReloadError::Refused(format!("reload refused, version {} keeps serving: {e}", old.version)))
             }
         }
     }

@@ -254,13 +254,44 @@ pub async fn repository_index(State(s): State<Arc<AppState>>) -> Json<Value> {
     Json(json!([{"name": m.name, "version": m.version, "state": state}]))
 }
 
+/// A reload changes the server, so a browser must not be able to ask for one from another site
+/// (a "simple" cross-site POST needs no CORS preflight, and without `--token` nothing else would
+/// stop it): refused when the browser says the request is cross-site (`Sec-Fetch-Site`), when its
+/// `Origin` is neither this server's own nor one `--cors-origin` names, and when its content type
+/// is one a simple cross-site request can carry (`text/plain`, form data). Clients that are not
+/// browsers (curl, Triton's) send none of these.
+fn refuse_cross_site(headers: &HeaderMap, allowed: &[String]) -> Result<(), ApiError> {
+    let refuse = |why: String| Err(ApiError::new(StatusCode::FORBIDDEN, "cross_site_request", why));
+    let get = |h: &str| headers.get(h).map(|v| v.to_str().unwrap_or("(not text)").to_ascii_lowercase());
+    if let Some(site) = get("sec-fetch-site").filter(|s| s != "same-origin" && s != "none") {
+        return refuse(format!("a reload asked by a web page of another site (Sec-Fetch-Site: {site}) is refused"));
+    }
+    if let Some(origin) = get("origin") {
+        let own = get("host").is_some_and(|h| origin == format!("http://{h}") || origin == format!("https://{h}"));
+        if !own && !allowed.iter().any(|a| a.to_ascii_lowercase() == origin) {
+            return refuse(format!(
+                "a reload asked by a web page of {origin} is refused (--cors-origin names the origins allowed)"
+            ));
+        }
+    }
+    if let Some(ct) = get("content-type") {
+        let mime = ct.split(';').next().unwrap_or("").trim().to_string();
+        if ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"].contains(&mime.as_str()) {
+            return refuse(format!("a load request is JSON (application/json) or empty, not {mime}"));
+        }
+    }
+    Ok(())
+}
+
 /// `POST /v2/repository/models/{name}/load`: reloads the model file (zero downtime; see
 /// [`AppState::reload`]). The answer says which version serves now, or why the file was refused.
 pub async fn repository_load(
     State(s): State<Arc<AppState>>,
     Path(name): Path<String>,
+    headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    refuse_cross_site(&headers, &s.cfg.cors_origins)?;
     check_model(&s.current(), &name, None)?;
     let body = body.map_err(|e| body_error(e.status(), e, s.cfg.max_body_bytes))?;
     if !body.is_empty() {
@@ -279,7 +310,10 @@ pub async fn repository_load(
             ));
         }
     }
-    let m = s.reload().await.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "reload_failed", e))?;
+    let m = s.reload(false).await.map_err(|e| match e {
+        crate::server::ReloadError::Busy => ApiError::new(StatusCode::CONFLICT, "reload_running", e.to_string()),
+        crate::server::ReloadError::Refused(e) => ApiError::new(StatusCode::BAD_REQUEST, "reload_failed", e),
+    })?;
     Ok(Json(json!({"name": m.name, "version": m.version, "file": m.file.display().to_string(), "state": "READY"})))
 }
 
