@@ -365,25 +365,118 @@ enum JsonImage<'a> {
 /// A JSON body of `/v1/predict`: `{"image": "<base64>"}` or `{"images": ["<base64>" | {"name":
 /// "a.jpg", "b64": "<base64>"}, ...]}`; base64 may be a `data:image/...;base64,` URL.
 /// The base64 strings are borrowed from the body where they can be (no escapes), so that a
-/// body is not held twice while it is decoded.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// body is not held twice while it is decoded. Read by [`JsonImagesSeed`], which stops at the
+/// first element of `images` past `--max-images` (a list of millions of tiny entries is not
+/// built first and counted after).
+#[derive(Default)]
 struct JsonImages<'a> {
-    #[serde(borrow)]
     image: Option<Cow<'a, str>>,
-    #[serde(borrow)]
     images: Option<Vec<JsonImage<'a>>>,
+}
+
+/// Reads a [`JsonImages`] with at most `max` images; `capped` says that reading stopped there.
+struct JsonImagesSeed<'c> {
+    max: usize,
+    capped: &'c std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for JsonImagesSeed<'_> {
+    type Value = JsonImages<'de>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for JsonImagesSeed<'_> {
+    type Value = JsonImages<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object with `image` or `images`")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        use serde::de::Error;
+        let mut out = JsonImages::default();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match &*key {
+                "image" if out.image.is_none() => out.image = Some(map.next_value::<BorrowedStr<'de>>()?.0),
+                "images" if out.images.is_none() => {
+                    out.images = Some(map.next_value_seed(CappedList { max: self.max, capped: self.capped })?)
+                }
+                "image" | "images" => return Err(A::Error::custom(format!("duplicate field `{key}`"))),
+                other => return Err(A::Error::unknown_field(other, &["image", "images"])),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A string borrowed from the body where it can be.
+struct BorrowedStr<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for BorrowedStr<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct B<'a>(#[serde(borrow)] Cow<'a, str>);
+        B::deserialize(d).map(|b| BorrowedStr(b.0))
+    }
+}
+
+/// The `images` list, refused at its `max + 1`-th element.
+struct CappedList<'c> {
+    max: usize,
+    capped: &'c std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for CappedList<'_> {
+    type Value = Vec<JsonImage<'de>>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for CappedList<'_> {
+    type Value = Vec<JsonImage<'de>>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of base64 strings or {\"name\", \"b64\"} objects")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(im) = seq.next_element::<JsonImage<'de>>()? {
+            if out.len() == self.max {
+                self.capped.set(true);
+                return Err(serde::de::Error::custom("too many images"));
+            }
+            out.push(im);
+        }
+        Ok(out)
+    }
 }
 
 /// The images of a JSON body, each decoded from base64 (an error names the field).
 fn json_images(body: &[u8], max_images: usize) -> Result<Vec<(String, Bytes)>, ApiError> {
     use base64::Engine;
-    let req: JsonImages = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(
-            "malformed_json",
-            format!("JSON body: {e}; send {{\"image\": \"<base64>\"}} or {{\"images\": [...]}}"),
-        )
-    })?;
+    use serde::de::DeserializeSeed;
+    let capped = std::cell::Cell::new(false);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let req = JsonImagesSeed { max: max_images, capped: &capped }.deserialize(&mut de).and_then(|r| {
+        de.end()?;
+        Ok(r)
+    });
+    let req = match req {
+        Ok(r) => r,
+        Err(_) if capped.get() => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_many_images",
+                format!("more than {max_images} images in one request; at most {max_images} (--max-images)"),
+            ))
+        }
+        Err(e) => {
+            return Err(ApiError::bad_request(
+                "malformed_json",
+                format!("JSON body: {e}; send {{\"image\": \"<base64>\"}} or {{\"images\": [...]}}"),
+            ))
+        }
+    };
     let list: Vec<(String, Cow<str>)> = match (req.image, req.images) {
         (Some(one), None) => vec![("image".into(), one)],
         (None, Some(many)) => many
@@ -870,4 +963,42 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Re
     let mut config = config;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(r: Result<Vec<(String, Bytes)>, ApiError>) -> &'static str {
+        r.err().map(|e| e.code).unwrap_or("ok")
+    }
+
+    /// The `/v1/predict` JSON reader: what it takes, and a list of millions of entries refused at
+    /// the first one past the limit.
+    #[test]
+    fn json_images_are_read_and_refused_at_the_first_image_past_the_limit() {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(b"not really a jpeg");
+        let ok = json_images(format!(r#"{{"image": "{b64}"}}"#).as_bytes(), 16).unwrap();
+        assert_eq!((ok[0].0.as_str(), &ok[0].1[..]), ("image", &b"not really a jpeg"[..]));
+        let body = format!(r#"{{"images": ["{b64}", {{"name": "a.jpg", "b64": "data:image/jpeg;base64,{b64}"}}]}}"#);
+        let two = json_images(body.as_bytes(), 16).unwrap();
+        assert_eq!((two[0].0.as_str(), two[1].0.as_str()), ("images[0]", "a.jpg"));
+        assert_eq!(code(json_images(br#"{"images": ["a", "b", "c"]}"#, 2)), "too_many_images");
+        assert_eq!(code(json_images(br#"{"image": "QQ==", "extra": 1}"#, 2)), "malformed_json");
+        assert_eq!(code(json_images(br#"{"image": "QQ==", "image": "QQ=="}"#, 2)), "malformed_json");
+        assert_eq!(code(json_images(br#"{"image": "QQ=="} trailing"#, 2)), "malformed_json");
+        assert_eq!(code(json_images(br#"{"images": []}"#, 2)), "no_image");
+        assert_eq!(code(json_images(br#"{}"#, 2)), "no_image");
+        // 5.6 million empty strings (11 MB): refused at the 17th.
+        let mut huge = String::from(r#"{"images": ["#);
+        huge.push_str(&r#""","#.repeat(5_600_000));
+        huge.push_str(r#""""]}"#);
+        let e = json_images(huge.as_bytes(), 16).err().unwrap();
+        // "More than": it stopped there, without building (and counting) the whole list.
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            ("too_many_images", "more than 16 images in one request; at most 16 (--max-images)")
+        );
+    }
 }
