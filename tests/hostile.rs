@@ -289,3 +289,56 @@ fn reload_refuses_cross_site_requests_and_a_second_load_while_one_runs() {
     assert_eq!(busy["code"], "reload_running", "{busy}");
     assert!(server.stop().success());
 }
+
+/// KServe v2 JSON read as it arrives, each list capped (issue 27): `data` of millions of tiny
+/// objects (once parsed into a `serde_json::Value` first: +1.5 GB), an output named 670,000
+/// times (once answered with 116 MB), an output asked twice, a value past 255. Each gets its 400
+/// and the server's peak resident memory grows by less than 3 bodies.
+#[test]
+fn v2_json_is_refused_as_it_is_read() {
+    let t = trained();
+    let server = Server::start(&t.onnx, &["--no-grpc"]);
+    let pid = server.child.id();
+    let before = proc_mib(pid, "VmHWM:");
+    let url = format!("{}/v2/models/footwear/infer", server.url);
+    let input =
+        |data: &str| format!(r#"{{"name": "image", "shape": [1, 96, 96, 3], "datatype": "UINT8", "data": {data}}}"#);
+    let objects = format!("[{}{{\"\":0}}]", r#"{"":0},"#.repeat(2_300_000));
+    let outputs = format!("[{}{{\"name\": \"probabilities\"}}]", r#"{"name": "probabilities"},"#.repeat(560_000));
+    let pixels = format!("[{}]", vec!["7"; 96 * 96 * 3].join(","));
+    let cases = [
+        ("16 MB of tiny objects as data", format!(r#"{{"inputs": [{}]}}"#, input(&objects)), "malformed_json"),
+        (
+            "an output named 560,000 times",
+            format!(r#"{{"inputs": [{}], "outputs": {outputs}}}"#, input(&pixels)),
+            "malformed_json",
+        ),
+        (
+            "an output asked twice",
+            format!(r#"{{"inputs": [{}], "outputs": [{{"name": "logits"}}, {{"name": "logits"}}]}}"#, input(&pixels)),
+            "bad_outputs",
+        ),
+        ("a value past 255", format!(r#"{{"inputs": [{}]}}"#, input("[1, 2, 300]")), "malformed_json"),
+    ];
+    let c = client();
+    let mut biggest = 0;
+    for (what, body, code) in cases {
+        biggest = biggest.max(body.len());
+        let (s, v) = json(c.post(&url).header("Content-Type", "application/json").body(body).send().unwrap());
+        println!("{what}: {s} {}", v["error"].as_str().unwrap_or("").chars().take(120).collect::<String>());
+        assert_eq!((s, v["code"].as_str()), (400, Some(code)), "{what}: {v}");
+    }
+    // A good request still works.
+    let (s, v) = json(
+        c.post(&url)
+            .header("Content-Type", "application/json")
+            .body(format!(r#"{{"inputs": [{}]}}"#, input(&pixels)))
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(s, 200, "{v}");
+    let after = proc_mib(pid, "VmHWM:");
+    println!("v2 JSON: peak (VmHWM) {before} MiB before, {after} MiB after; largest body {} MB", biggest / 1_000_000);
+    assert!(((after - before) as usize) << 20 <= 3 * biggest, "{before} -> {after} MiB");
+    assert!(server.stop().success());
+}

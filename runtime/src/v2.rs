@@ -113,6 +113,18 @@ pub fn output_names(m: &Served, names: Vec<String>) -> Result<Vec<String>, ApiEr
             format!("unknown output `{bad}`; the outputs are {}", list.join(", ")),
         ));
     }
+    // Each at most once: a request naming one output 670,000 times was once answered with a
+    // 116 MB body (issue 27).
+    if let Some((i, dup)) = names.iter().enumerate().find(|(i, n)| names[..*i].contains(n)) {
+        return Err(ApiError::bad_request(
+            "bad_outputs",
+            format!(
+                "output `{dup}` is asked for more than once (entries {} and {})",
+                names.iter().position(|n| n == dup).unwrap_or(0) + 1,
+                i + 1
+            ),
+        ));
+    }
     Ok(names)
 }
 
@@ -342,9 +354,90 @@ struct InferInput {
     shape: Vec<i64>,
     datatype: String,
     #[serde(default)]
-    data: Option<Value>,
+    data: Option<Pixels>,
     #[serde(default)]
     parameters: Parameters,
+}
+
+/// A list of at most `N` elements, refused at the `N + 1`-th as it is read (the model has one
+/// input and at most three outputs: a list of millions is not built first).
+fn at_most<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>, const N: usize>(d: D) -> Result<Vec<T>, D::Error> {
+    struct V<T, const N: usize>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>, const N: usize> serde::de::Visitor<'de> for V<T, N> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a list of at most {N}")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(x) = seq.next_element()? {
+                if out.len() == N {
+                    return Err(serde::de::Error::custom(format!(
+                        "more than {N} in the list (this model has no more)"
+                    )));
+                }
+                out.push(x);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(V::<T, N>(std::marker::PhantomData))
+}
+
+fn at_most_some<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>, const N: usize>(
+    d: D,
+) -> Result<Option<Vec<T>>, D::Error> {
+    at_most::<D, T, N>(d).map(Some)
+}
+
+/// An input's `data`: a (possibly nested) JSON array of UINT8 values, flattened into bytes as it
+/// is read, one byte per value (never a `serde_json::Value` of the whole array: a body of
+/// millions of tiny objects stops at the first one).
+struct Pixels(Vec<u8>);
+
+impl<'de> Deserialize<'de> for Pixels {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut out = Vec::new();
+        serde::de::DeserializeSeed::deserialize(Flatten(&mut out), d)?;
+        Ok(Pixels(out))
+    }
+}
+
+/// Appends the UINT8 values of an array (or of one number), at any depth, to its vector.
+struct Flatten<'o>(&'o mut Vec<u8>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Flatten<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Flatten<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("UINT8 values (0-255), in nested arrays")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Flatten(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        let b = u8::try_from(v).map_err(|_| E::custom(format!("{v} is not a UINT8 value (0-255)")))?;
+        self.0.push(b);
+        Ok(())
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        Err(E::custom(format!("{v} is not a UINT8 value (0-255)")))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        if v.fract() == 0.0 && (0.0..=255.0).contains(&v) {
+            self.0.push(v as u8);
+            Ok(())
+        } else {
+            Err(E::custom(format!("{v} is not a UINT8 value (0-255)")))
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -357,30 +450,12 @@ struct InferOutputRequest {
 #[derive(Deserialize)]
 struct InferRequest {
     id: Option<String>,
+    #[serde(deserialize_with = "at_most::<_, _, 1>")]
     inputs: Vec<InferInput>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "at_most_some::<_, _, 3>")]
     outputs: Option<Vec<InferOutputRequest>>,
     #[serde(default)]
     parameters: Parameters,
-}
-
-/// Flattens a (possibly nested) JSON array of numbers into pixel bytes.
-fn flatten_pixels(v: &Value, out: &mut Vec<u8>) -> Result<(), String> {
-    match v {
-        Value::Array(a) => a.iter().try_for_each(|x| flatten_pixels(x, out)),
-        Value::Number(n) => match n
-            .as_u64()
-            .filter(|&x| x <= 255)
-            .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && (0.0..=255.0).contains(f)).map(|f| f as u64))
-        {
-            Some(x) => {
-                out.push(x as u8);
-                Ok(())
-            }
-            None => Err(format!("{n} is not a UINT8 value (0-255)")),
-        },
-        other => Err(format!("{other} is not a number")),
-    }
 }
 
 /// `POST /v2/models/{name}[/versions/{v}]/infer`: JSON tensors, or the binary tensor data
@@ -414,14 +489,15 @@ pub async fn infer(
     };
     let req: InferRequest = serde_json::from_slice(&head)
         .map_err(|e| ApiError::bad_request("malformed_json", format!("inference request: {e}")))?;
-    let [input] = req.inputs.as_slice() else {
+    let mut req = req;
+    let [input] = req.inputs.as_mut_slice() else {
         return Err(ApiError::bad_request(
             "bad_inputs",
             format!("expected exactly one input `{INPUT_NAME}`, got {}", req.inputs.len()),
         ));
     };
     let n = input_count(&m, s.cfg.max_images, &input.name, &input.datatype, &input.shape)?;
-    let pixels = match (input.parameters.binary_data_size, &input.data) {
+    let pixels = match (input.parameters.binary_data_size, &mut input.data) {
         (Some(size), _) => {
             if size != binary.len() {
                 return Err(ApiError::bad_request(
@@ -435,12 +511,7 @@ pub async fn infer(
             }
             std::mem::take(&mut binary).to_vec()
         }
-        (None, Some(data)) => {
-            let mut pixels = Vec::with_capacity(n * m.size * m.size * 3);
-            flatten_pixels(data, &mut pixels)
-                .map_err(|e| ApiError::bad_request("bad_data", format!("input `{}` data: {e}", input.name)))?;
-            pixels
-        }
+        (None, Some(data)) => std::mem::take(&mut data.0),
         (None, None) => {
             return Err(ApiError::bad_request(
                 "bad_data",
