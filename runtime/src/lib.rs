@@ -5,6 +5,7 @@
 //! shared with the exporter; no Candle here.
 
 pub mod batcher;
+pub mod conn;
 pub mod grpc;
 pub mod metrics;
 pub mod model;

@@ -163,6 +163,16 @@ struct ServeArgs {
     /// Seconds a whole request may take, body, decoding, queue and inference included.
     #[arg(long, default_value_t = 60)]
     request_timeout_s: u64,
+    /// Most connections open at once on each port (HTTP, gRPC); one more is closed on accept.
+    /// Lowered where the open-files limit (raised to its hard limit at start) would not hold
+    /// both ports' and the process's own files.
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
+    /// Seconds a connection may go with nothing read or written before it is closed (a client
+    /// that stopped sending, or stopped reading its answer; HTTP/2 clients answer the server's
+    /// keepalive pings, every 20 s, and so stay open while idle).
+    #[arg(long, default_value_t = 90)]
+    idle_timeout_s: u64,
     /// Seconds the requests in flight get to finish after SIGTERM/Ctrl-C.
     #[arg(long, default_value_t = 60)]
     shutdown_timeout_s: u64,
@@ -363,6 +373,9 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
         ("--max-inflight", a.max_inflight),
         ("--max-images", a.max_images),
         ("--max-decodes", a.max_decodes.unwrap_or(1)),
+        ("--max-connections", a.max_connections),
+        ("--idle-timeout-s", a.idle_timeout_s as usize),
+        ("--header-timeout-s", a.header_timeout_s as usize),
     ] {
         if v == 0 {
             bail!("{flag} must be at least 1");
@@ -403,6 +416,22 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
         (Some(cert), Some(key)) => Some((server::tls_acceptor(cert, key)?, std::fs::read(cert)?, std::fs::read(key)?)),
         _ => None,
     };
+    // Each port's connections capped below the open-files limit, with room for the model file,
+    // ONNX Runtime's, the log and the listening sockets (128).
+    let files = runtime::conn::raise_file_limit();
+    let per_port = runtime::conn::connections_per_port(a.max_connections, files, 2, 128);
+    if per_port < a.max_connections {
+        tracing::warn!(
+            "--max-connections {} lowered to {per_port} per port: the open-files limit is {} (ulimit -n)",
+            a.max_connections,
+            files.unwrap_or_default()
+        );
+    }
+    let limits = runtime::conn::Limits {
+        max_connections: per_port,
+        first_bytes: Duration::from_secs(a.header_timeout_s),
+        idle: Duration::from_secs(a.idle_timeout_s),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         // Warm-up runs before the port opens: readiness is never true for a cold model.
@@ -419,6 +448,7 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
             let _ = rx.wait_for(|s| *s).await;
         };
         tokio::spawn(reload_on_sighup(state.clone()));
+        tokio::spawn(give_back_memory());
         let grpc = if a.no_grpc {
             None
         } else {
@@ -432,20 +462,29 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
             // on the headers, before the message is read (grpc::Gate; health and metadata take
             // no permit), at most 16 streams per connection, so that many calls cannot each
             // hold a message in memory.
+            // Connections: capped and closed when silent or idle (runtime::conn), pinged every
+            // 20 s and closed when a ping goes 10 s unanswered, a TLS handshake within the
+            // header timeout.
             let mut builder = tonic::transport::Server::builder()
                 .timeout(Duration::from_secs(a.request_timeout_s))
                 .max_concurrent_streams(16)
+                .http2_keepalive_interval(Some(Duration::from_secs(20)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
                 .layer(runtime::grpc::Gate::new(a.token.as_deref(), a.max_inflight));
             let scheme = if let Some((_, cert, key)) = &tls {
                 let identity = tonic::transport::Identity::from_pem(cert, key);
-                builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+                let tls_config = tonic::transport::ServerTlsConfig::new()
+                    .identity(identity)
+                    .timeout(Duration::from_secs(a.header_timeout_s));
+                builder = builder.tls_config(tls_config)?;
                 "grpcs"
             } else {
                 "grpc"
             };
             tracing::info!("gRPC (KServe v2) on {scheme}://{local}");
             let router = builder.add_service(runtime::grpc::service(state.clone()));
-            let incoming = tonic::transport::server::TcpIncoming::from(gl);
+            let admission = runtime::conn::Admission::new("grpc", limits, state.metrics().connections_refused("grpc"));
+            let incoming = runtime::conn::Incoming::new(gl, admission);
             Some(tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()))))
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -457,7 +496,8 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
             header_timeout: Duration::from_secs(a.header_timeout_s),
             shutdown_deadline: Duration::from_secs(a.shutdown_timeout_s),
         };
-        server::serve(listener, app, stopped(stop_rx), conn, tls.map(|t| t.0)).await?;
+        let admission = runtime::conn::Admission::new("http", limits, state.metrics().connections_refused("http"));
+        server::serve(listener, app, stopped(stop_rx), conn, admission, tls.map(|t| t.0)).await?;
         if let Some(g) = grpc {
             g.await?.context("gRPC server")?;
         }
@@ -514,6 +554,43 @@ fn tune_malloc() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code))]
+/// The process's resident size, bytes (`/proc/self/statm`); `None` where it cannot be read.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf reads a constant of the system.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
+/// Gives memory freed after a spike back to the system. `tune_malloc` returns large blocks as
+/// they are freed, but a crafted request leaves millions of small ones (parsed headers, JSON,
+/// protobuf) scattered over glibc's heaps, which keep their pages: every 5 s, when the resident
+/// size has grown 32 MiB beyond its level after the last trim, `malloc_trim(0)` releases every
+/// whole free page of every arena (measured in docs/reliability.md).
+async fn give_back_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let Some(mut floor) = resident_bytes() else { return };
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(now) = resident_bytes() else { return };
+            if now < floor + (32 << 20) {
+                floor = floor.min(now);
+                continue;
+            }
+            // SAFETY: malloc_trim only returns free pages; it takes the arenas' locks itself.
+            let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+            let after = resident_bytes().unwrap_or(now);
+            tracing::debug!("memory: resident {} MiB, {} MiB after malloc_trim", now >> 20, after >> 20);
+            floor = after;
+        }
     }
 }
 

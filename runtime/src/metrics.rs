@@ -61,6 +61,12 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     model_version: Gauge,
     unknown: Family<ReasonLabels, Counter>,
+    connections_refused: Family<PortLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PortLabels {
+    port: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -119,7 +125,17 @@ impl Metrics {
              low_confidence: below --threshold), on every route",
             unknown.clone(),
         );
+        let connections_refused = Family::<PortLabels, Counter>::default();
+        for port in ["http", "grpc"] {
+            let _ = connections_refused.get_or_create(&PortLabels { port: port.into() });
+        }
+        registry.register(
+            "connections_refused",
+            "Connections closed on accept because their port had --max-connections open",
+            connections_refused.clone(),
+        );
         Self {
+            connections_refused,
             unknown,
             reloads,
             model_version,
@@ -135,6 +151,11 @@ impl Metrics {
             panics,
             memory_bound,
         }
+    }
+
+    /// The counter of connections refused on `port` (`http`, `grpc`), for [`crate::conn::Admission`].
+    pub fn connections_refused(&self, port: &str) -> Counter {
+        self.connections_refused.get_or_create(&PortLabels { port: port.into() }).clone()
     }
 
     pub fn request(&self, endpoint: &str, status: u16, latency: Duration, error_code: Option<&str>) {

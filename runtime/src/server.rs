@@ -226,6 +226,11 @@ impl AppState {
 
     /// The model serving now. A request takes it once and keeps it to the end, so that a reload
     /// in between does not mix two models in one answer.
+    /// The server's Prometheus metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     pub fn current(&self) -> Arc<Served> {
         self.model.load_full()
     }
@@ -882,12 +887,14 @@ impl Default for ConnConfig {
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and lets the
 /// requests in flight finish (each ends within the request timeout), closing whatever is left
 /// after `conn.shutdown_deadline`. HTTP/1.1 over hyper, with a header read timeout; over TLS
-/// when `tls` is given (the handshake, too, within the header timeout).
+/// when `tls` is given (the handshake, too, within the header timeout). Connections are admitted
+/// by `admission` (a cap on those open, deadlines for silent and idle ones: [`crate::conn`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     conn: ConnConfig,
+    admission: crate::conn::Admission,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -895,15 +902,8 @@ pub async fn serve(
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait instead of spinning.
-                    tracing::warn!("accepting a connection: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            // Accept errors (out of file descriptors and the like) are waited out there.
+            stream = crate::conn::accept(&listener, &admission) => stream,
             _ = &mut shutdown => break,
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
