@@ -342,3 +342,129 @@ fn v2_json_is_refused_as_it_is_read() {
     assert!(((after - before) as usize) << 20 <= 3 * biggest, "{before} -> {after} MiB");
     assert!(server.stop().success());
 }
+
+/// Connections (issue 27): more silent sockets than a port may hold (`--max-connections 64`,
+/// 200 on each port), and still health and readiness answer within 1 s on both protocols: a
+/// full port closes the oldest silent connection for the new one; `/metrics` counts it.
+#[test]
+fn silent_connections_beyond_the_cap_never_lock_out_health() {
+    let t = trained();
+    let server = Server::start(&t.onnx, &["--max-connections", "64"]);
+    let http = server.url.trim_start_matches("http://").to_string();
+    let grpc = server.grpc.clone().expect("a gRPC endpoint");
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        silent.push(std::net::TcpStream::connect(&http).unwrap());
+        silent.push(std::net::TcpStream::connect(&grpc).unwrap());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let c = client();
+    for path in ["/v2/health/live", "/v2/health/ready"] {
+        let t0 = std::time::Instant::now();
+        let s = c.get(format!("{}{path}", server.url)).send().unwrap().status().as_u16();
+        let took = t0.elapsed();
+        println!("HTTP {path} with 400 silent connections open: {s} in {took:?}");
+        assert_eq!(s, 200);
+        assert!(took < Duration::from_secs(1), "{path}: {took:?}");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        for method in ["ServerLive", "ServerReady"] {
+            let t0 = std::time::Instant::now();
+            let tcp = tokio::net::TcpStream::connect(&grpc).await.unwrap();
+            let (mut h2c, conn) = h2::client::handshake(tcp).await.unwrap();
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let call = raw_call(&mut h2c, &grpc, method, None, frame(&[]), true).await;
+            let (code, msg) = tokio::time::timeout(Duration::from_secs(5), grpc_status(call)).await.expect("an answer");
+            let took = t0.elapsed();
+            println!("gRPC {method} on a new connection with 400 silent ones open: status {code} in {took:?}");
+            assert_eq!(code, 0, "{method}: {msg}");
+            assert!(took < Duration::from_secs(1), "{method}: {took:?}");
+        }
+    });
+    let metrics = c.get(format!("{}/metrics", server.url)).send().unwrap().text().unwrap();
+    let closed = |port: &str| -> u64 {
+        let key = format!("footwear_connections_closed_total{{port=\"{port}\",reason=\"for_newer\"}} ");
+        let line = metrics.lines().find(|l| l.starts_with(&key)).unwrap_or_else(|| panic!("{key} in /metrics"));
+        line[key.len()..].trim().parse().unwrap()
+    };
+    println!("closed for newer connections: http {}, grpc {}", closed("http"), closed("grpc"));
+    assert!(closed("http") >= 136 && closed("grpc") >= 136, "{metrics}");
+    // The test's own gRPC connections close with their runtime (a current-thread runtime runs
+    // their tasks only inside block_on: left alive, they would never read the server's GOAWAY).
+    drop(rt);
+    drop(silent);
+    assert!(server.stop().success());
+}
+
+/// Memory returned (issue 27): after a spike of large requests (16-image requests of 12-Mpixel
+/// PNGs, eight at once, and 16 MB v2 JSON bodies), the idle server's resident size falls back
+/// within 20% of its loaded level. With `--no-memory-arena`: by default ONNX Runtime's arena
+/// keeps what the largest batch needed (bounded by `--max-batch`, not by what clients send;
+/// +60 MiB for this 96 px model: docs/reliability.md).
+#[test]
+fn resident_memory_falls_back_after_a_spike() {
+    let t = trained();
+    let server = Server::start(&t.onnx, &["--no-grpc", "--no-memory-arena"]);
+    let pid = server.child.id();
+    let loaded = proc_mib(pid, "VmRSS:");
+    let big = png(4000, 3000, &[]);
+    let multipart = {
+        let mut body = Vec::new();
+        for i in 0..16 {
+            write!(body, "--b\r\nContent-Disposition: form-data; name=\"p{i}\"; filename=\"{i}.png\"\r\n").unwrap();
+            body.extend_from_slice(b"Content-Type: image/png\r\n\r\n");
+            body.extend_from_slice(&big);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"--b--\r\n");
+        body
+    };
+    let json_bomb = format!(
+        r#"{{"inputs": [{{"name": "image", "shape": [1, 96, 96, 3], "datatype": "UINT8", "data": [{}{{"":0}}]}}]}}"#,
+        r#"{"":0},"#.repeat(2_300_000)
+    );
+    let c = client();
+    for _ in 0..2 {
+        std::thread::scope(|sc| {
+            for i in 0..8 {
+                let (c, url, multipart, json_bomb) = (&c, &server.url, &multipart, &json_bomb);
+                sc.spawn(move || {
+                    if i % 2 == 0 {
+                        let r = c
+                            .post(format!("{url}/v1/predict"))
+                            .header("Content-Type", "multipart/form-data; boundary=b")
+                            .body(multipart.clone())
+                            .send()
+                            .unwrap();
+                        assert_eq!(r.status().as_u16(), 200);
+                    } else {
+                        let r = c
+                            .post(format!("{url}/v2/models/footwear/infer"))
+                            .header("Content-Type", "application/json")
+                            .body(json_bomb.clone())
+                            .send()
+                            .unwrap();
+                        assert_eq!(r.status().as_u16(), 400);
+                    }
+                });
+            }
+        });
+    }
+    let peak = proc_mib(pid, "VmHWM:");
+    let spike = proc_mib(pid, "VmRSS:");
+    let t0 = std::time::Instant::now();
+    let mut now = spike;
+    while t0.elapsed() < Duration::from_secs(20) && now as f64 > loaded as f64 * 1.2 {
+        std::thread::sleep(Duration::from_millis(500));
+        now = proc_mib(pid, "VmRSS:");
+    }
+    println!(
+        "resident: {loaded} MiB loaded, peak (VmHWM) {peak} MiB, {spike} MiB after the requests, {now} MiB {:.1} s later",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(now as f64 <= loaded as f64 * 1.2, "{now} MiB, {loaded} MiB once loaded");
+    assert!(server.stop().success());
+}

@@ -1,15 +1,19 @@
 //! Admission of TCP connections, the same on both ports (HTTP and gRPC): at most
-//! [`Limits::max_connections`] open per port (one more is accepted and closed at once, so the
-//! process never runs out of file descriptors and one port's clients cannot lock the other's
-//! out), a deadline for a connection's first bytes and for any silence after them (reads and
-//! writes alike: a client that neither sends nor reads its answer is closed), and an accept loop
-//! that waits after an error (out of descriptors) instead of spinning.
+//! [`Limits::max_connections`] open per port, a deadline for a connection's first bytes and for
+//! any silence after them (reads and writes alike: a client that neither sends nor reads its
+//! answer is closed), and an accept loop that waits after an error (out of descriptors) instead
+//! of spinning. A port at its most makes room for a new connection by closing the oldest one that
+//! has sent nothing yet, else the one silent longest for at least `first_bytes`; only when every
+//! connection is active is the new one closed at once. So idle or silent sockets, however many,
+//! never lock the health checks out, and the process never runs out of file descriptors.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -38,37 +42,130 @@ pub struct Admission {
     open: Arc<Semaphore>,
     port: &'static str,
     refused: prometheus_client::metrics::counter::Counter,
+    evicted: prometheus_client::metrics::counter::Counter,
+    live: Arc<Mutex<Live>>,
+    epoch: Instant,
+}
+
+/// The port's open connections, for choosing one to close.
+#[derive(Debug, Default)]
+struct Live {
+    next: u64,
+    slots: HashMap<u64, Arc<Slot>>,
+}
+
+/// What a connection shares with its port.
+#[derive(Debug)]
+struct Slot {
+    /// Milliseconds since the port's epoch: the connection's start, then its last byte read or
+    /// written once the client has spoken.
+    last_ms: AtomicU64,
+    spoken: AtomicBool,
+    /// Set when the port closes the connection for a newer one (its permit taken away).
+    evicted: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
 }
 
 impl Admission {
-    /// `refused` counts the connections closed for the cap (`Metrics::connections_refused`).
-    pub fn new(port: &'static str, limits: Limits, refused: prometheus_client::metrics::counter::Counter) -> Self {
-        Self { limits, open: Arc::new(Semaphore::new(limits.max_connections)), port, refused }
+    /// `refused` counts the connections closed at once because every open one was active,
+    /// `evicted` those closed to make room (`Metrics::connections_closed`).
+    pub fn new(
+        port: &'static str,
+        limits: Limits,
+        refused: prometheus_client::metrics::counter::Counter,
+        evicted: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
+        Self {
+            limits,
+            open: Arc::new(Semaphore::new(limits.max_connections)),
+            port,
+            refused,
+            evicted,
+            live: Arc::default(),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     /// The accepted `stream` with its permit, or `None` (and the stream dropped, which closes it)
-    /// when the port already has its most connections.
+    /// when the port has its most connections and none of them may be closed for it.
     pub fn admit(&self, stream: TcpStream) -> Option<Guarded<TcpStream>> {
-        let Ok(permit) = self.open.clone().try_acquire_owned() else {
-            // Logged at the 1st, 2nd, 4th, 8th, ... refusal: a flood of connections must not
-            // become a flood of log lines.
-            let before = self.refused.inc();
-            if (before + 1).is_power_of_two() {
-                tracing::warn!(
-                    "{} port: {} connections open, the most allowed (--max-connections): closing new ones \
-                     ({} so far)",
-                    self.port,
-                    self.limits.max_connections,
-                    before + 1
-                );
-            }
-            return None;
+        let permit = match self.open.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => match self.evict() {
+                Some(p) => p,
+                None => {
+                    // Logged at the 1st, 2nd, 4th, 8th, ... refusal: a flood of connections must
+                    // not become a flood of log lines.
+                    let before = self.refused.inc();
+                    if (before + 1).is_power_of_two() {
+                        tracing::warn!(
+                            "{} port: {} connections open and active, the most allowed (--max-connections): \
+                             closing new ones ({} so far)",
+                            self.port,
+                            self.limits.max_connections,
+                            before + 1
+                        );
+                    }
+                    return None;
+                }
+            },
         };
         let _ = stream.set_nodelay(true);
-        Some(Guarded::new(stream, permit, self.limits))
+        let slot = Arc::new(Slot {
+            last_ms: AtomicU64::new(self.now_ms()),
+            spoken: AtomicBool::new(false),
+            evicted: AtomicBool::new(false),
+            waker: Mutex::new(None),
+            permit: Mutex::new(Some(permit)),
+        });
+        let id = {
+            let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.next += 1;
+            let id = live.next;
+            live.slots.insert(id, slot.clone());
+            id
+        };
+        Some(Guarded::new(stream, self.clone(), id, slot))
     }
 
-    /// Connections open now.
+    /// Takes the permit of the connection to close for a new one: the oldest that has sent
+    /// nothing, else the one silent longest, if for at least `first_bytes`; wakes it to close.
+    fn evict(&self) -> Option<OwnedSemaphorePermit> {
+        let now = self.now_ms();
+        let patience = self.limits.first_bytes.as_millis() as u64;
+        let victim = {
+            let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.slots
+                .values()
+                .filter(|s| !s.evicted.load(Ordering::Relaxed))
+                .map(|s| (s.spoken.load(Ordering::Relaxed), s.last_ms.load(Ordering::Relaxed), s))
+                .filter(|(spoken, last, _)| !spoken || now.saturating_sub(*last) >= patience)
+                .min_by_key(|(spoken, last, _)| (*spoken, *last))
+                .map(|(_, _, s)| s.clone())
+        }?;
+        let permit = victim.permit.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        victim.evicted.store(true, Ordering::Release);
+        if let Some(w) = victim.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            w.wake();
+        }
+        let before = self.evicted.inc();
+        if (before + 1).is_power_of_two() {
+            tracing::warn!(
+                "{} port: {} connections open (--max-connections): closing idle ones for new ones ({} so far)",
+                self.port,
+                self.limits.max_connections,
+                before + 1
+            );
+        }
+        Some(permit)
+    }
+
+    /// Connections open now (those closed for newer ones no longer count).
     pub fn open(&self) -> usize {
         self.limits.max_connections - self.open.available_permits()
     }
@@ -131,46 +228,67 @@ impl futures_core::Stream for Incoming {
     }
 }
 
-/// A connection under its port's [`Limits`]: it holds the port's permit until dropped, and fails
-/// a read or a write (`TimedOut`) that waits past its deadline, which makes hyper close it.
+/// A connection under its port's [`Limits`]: it holds the port's permit until dropped (or until
+/// the port closes it for a newer one), and fails a read or a write (`TimedOut`) that waits past
+/// its deadline, which makes hyper close it.
 pub struct Guarded<T> {
     io: T,
-    _permit: OwnedSemaphorePermit,
-    limits: Limits,
-    /// The last byte read or written (the connection's start until its first bytes arrive).
-    last: Instant,
-    spoken: bool,
+    admission: Admission,
+    id: u64,
+    slot: Arc<Slot>,
     timer: Pin<Box<Sleep>>,
 }
 
+impl<T> Drop for Guarded<T> {
+    fn drop(&mut self) {
+        self.admission.live.lock().unwrap_or_else(|e| e.into_inner()).slots.remove(&self.id);
+    }
+}
+
 impl<T> Guarded<T> {
-    fn new(io: T, permit: OwnedSemaphorePermit, limits: Limits) -> Self {
-        let last = Instant::now();
-        Self {
-            io,
-            _permit: permit,
-            limits,
-            last,
-            spoken: false,
-            timer: Box::pin(tokio::time::sleep_until(last + limits.first_bytes)),
-        }
+    fn new(io: T, admission: Admission, id: u64, slot: Arc<Slot>) -> Self {
+        let timer = Box::pin(tokio::time::sleep(admission.limits.first_bytes));
+        Self { io, admission, id, slot, timer }
     }
 
     fn due(&self) -> Instant {
-        self.last + if self.spoken { self.limits.idle } else { self.limits.first_bytes }
+        let l = &self.admission.limits;
+        let after = if self.slot.spoken.load(Ordering::Relaxed) { l.idle } else { l.first_bytes };
+        self.admission.epoch + Duration::from_millis(self.slot.last_ms.load(Ordering::Relaxed)) + after
     }
 
-    /// Called when the stream has nothing to give or take: `Err` once the deadline has passed,
-    /// else the timer is armed to wake this task at the deadline.
+    fn active(&self) {
+        self.slot.last_ms.store(self.admission.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Called when the stream has nothing to give or take: `Err` once the deadline has passed or
+    /// the port has closed the connection, else the timer is armed to wake this task at the
+    /// deadline (and the port can wake it to close it).
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if self.slot.evicted.load(Ordering::Acquire) {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection closed for a newer one: the port had --max-connections open",
+            ));
+        }
+        {
+            let mut w = self.slot.waker.lock().unwrap_or_else(|e| e.into_inner());
+            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *w = Some(cx.waker().clone());
+            }
+        }
         loop {
             if self.timer.as_mut().poll(cx).is_pending() {
                 return Ok(());
             }
             let due = self.due();
             if due <= Instant::now() {
-                let what = if self.spoken { "idle" } else { "silent since it opened" };
-                let after = if self.spoken { self.limits.idle } else { self.limits.first_bytes };
+                let l = &self.admission.limits;
+                let (what, after) = if self.slot.spoken.load(Ordering::Relaxed) {
+                    ("idle", l.idle)
+                } else {
+                    ("silent since it opened", l.first_bytes)
+                };
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("connection {what} for {after:?}: closed"),
@@ -201,12 +319,15 @@ impl tonic::transport::server::Connected for Guarded<TcpStream> {
 impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.slot.evicted.load(Ordering::Acquire) {
+            return Poll::Ready(this.check(cx));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
-                    this.last = Instant::now();
-                    this.spoken = true;
+                    this.active();
+                    this.slot.spoken.store(true, Ordering::Relaxed);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -221,12 +342,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
 
 impl<T: AsyncWrite + Unpin> Guarded<T> {
     fn wrote(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if self.slot.evicted.load(Ordering::Acquire) {
+            return Poll::Ready(self.check(cx).map(|()| 0));
+        }
         match r {
             Poll::Ready(Ok(n)) => {
                 // Before the client has spoken, the server's own bytes (HTTP/2 settings) do not
                 // count: a silent client is closed after `first_bytes` whatever was sent to it.
-                if n > 0 && self.spoken {
-                    self.last = Instant::now();
+                if n > 0 && self.slot.spoken.load(Ordering::Relaxed) {
+                    self.active();
                 }
                 Poll::Ready(Ok(n))
             }
@@ -319,11 +443,80 @@ mod tests {
         assert_eq!(connections_per_port(512, Some(100), 2, 128), 1);
     }
 
+    async fn read_ends(c: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 8];
+        matches!(tokio::time::timeout(within, c.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+    }
+
+    async fn echo(c: &mut TcpStream) {
+        c.write_all(b"hi").await.unwrap();
+        let mut got = [0u8; 2];
+        c.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hi");
+    }
+
     #[tokio::test]
-    async fn the_port_closes_connections_past_its_most_and_the_silent_ones() {
+    async fn a_full_port_closes_silent_then_idle_connections_for_new_ones_and_refuses_past_active_ones() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let admission = Admission::new("test", limits(2), Default::default());
+        let admission = Admission::new("test", limits(2), Default::default(), Default::default());
+        let server = {
+            let admission = admission.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut g = accept(&listener, &admission).await;
+                    // An echo server: what the guard lets through comes back.
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 64];
+                        loop {
+                            match g.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    if g.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                    });
+                }
+            })
+        };
+        let settle = || tokio::time::sleep(Duration::from_millis(50));
+        let mut a = TcpStream::connect(addr).await.unwrap();
+        echo(&mut a).await;
+        let mut b = TcpStream::connect(addr).await.unwrap();
+        settle().await;
+        assert_eq!(admission.open(), 2);
+        // A third: the port closes the one that has sent nothing (b) for it.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        assert!(read_ends(&mut b, Duration::from_millis(150)).await, "b closed for c at once");
+        echo(&mut c).await;
+        echo(&mut a).await;
+        // Both open ones active within `first_bytes`: a fourth is closed at once.
+        let mut d = TcpStream::connect(addr).await.unwrap();
+        assert!(read_ends(&mut d, Duration::from_millis(150)).await, "d refused");
+        echo(&mut a).await;
+        echo(&mut c).await;
+        assert_eq!(admission.refused.get(), 1);
+        assert_eq!(admission.evicted.get(), 1);
+        // c falls silent past `first_bytes` while a keeps speaking: a fifth takes c's place.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            echo(&mut a).await;
+        }
+        let mut e = TcpStream::connect(addr).await.unwrap();
+        assert!(read_ends(&mut c, Duration::from_millis(150)).await, "c closed for e");
+        echo(&mut e).await;
+        echo(&mut a).await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn silent_and_idle_connections_are_closed_after_their_deadlines() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admission = Admission::new("test", limits(2), Default::default(), Default::default());
         let server = {
             let admission = admission.clone();
             tokio::spawn(async move {
@@ -350,11 +543,7 @@ mod tests {
         let mut b = TcpStream::connect(addr).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(admission.open(), 2);
-        // A third is accepted and closed: its read ends at once.
-        let mut c = TcpStream::connect(addr).await.unwrap();
         let mut buf = [0u8; 8];
-        let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await.expect("closed at once");
-        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
         // One that speaks keeps its connection past the first-bytes deadline while it speaks.
         for _ in 0..4 {
             a.write_all(b"hi").await.unwrap();

@@ -449,6 +449,16 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
         };
         tokio::spawn(reload_on_sighup(state.clone()));
         tokio::spawn(give_back_memory());
+        let admission = |port: &'static str| {
+            use runtime::metrics::{CLOSED_FOR_NEWER, CLOSED_FULL};
+            let m = state.metrics();
+            runtime::conn::Admission::new(
+                port,
+                limits,
+                m.connections_closed(port, CLOSED_FULL),
+                m.connections_closed(port, CLOSED_FOR_NEWER),
+            )
+        };
         let grpc = if a.no_grpc {
             None
         } else {
@@ -483,7 +493,7 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
             };
             tracing::info!("gRPC (KServe v2) on {scheme}://{local}");
             let router = builder.add_service(runtime::grpc::service(state.clone()));
-            let admission = runtime::conn::Admission::new("grpc", limits, state.metrics().connections_refused("grpc"));
+            let admission = admission("grpc");
             let incoming = runtime::conn::Incoming::new(gl, admission);
             Some(tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()))))
         };
@@ -496,8 +506,7 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
             header_timeout: Duration::from_secs(a.header_timeout_s),
             shutdown_deadline: Duration::from_secs(a.shutdown_timeout_s),
         };
-        let admission = runtime::conn::Admission::new("http", limits, state.metrics().connections_refused("http"));
-        server::serve(listener, app, stopped(stop_rx), conn, admission, tls.map(|t| t.0)).await?;
+        server::serve(listener, app, stopped(stop_rx), conn, admission("http"), tls.map(|t| t.0)).await?;
         if let Some(g) = grpc {
             g.await?.context("gRPC server")?;
         }

@@ -43,6 +43,11 @@ pub enum BatchEvent {
     Panicked,
 }
 
+/// `connections_closed` reason: a new connection, every open one being active.
+pub const CLOSED_FULL: &str = "full";
+/// `connections_closed` reason: an idle or silent connection, to make room for a new one.
+pub const CLOSED_FOR_NEWER: &str = "for_newer";
+
 /// Called by the batcher for every [`BatchEvent`].
 pub type BatchObserver = Arc<dyn Fn(BatchEvent) + Send + Sync>;
 
@@ -61,12 +66,13 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     model_version: Gauge,
     unknown: Family<ReasonLabels, Counter>,
-    connections_refused: Family<PortLabels, Counter>,
+    connections_closed: Family<ClosedLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PortLabels {
+struct ClosedLabels {
     port: String,
+    reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -125,17 +131,20 @@ impl Metrics {
              low_confidence: below --threshold), on every route",
             unknown.clone(),
         );
-        let connections_refused = Family::<PortLabels, Counter>::default();
+        let connections_closed = Family::<ClosedLabels, Counter>::default();
         for port in ["http", "grpc"] {
-            let _ = connections_refused.get_or_create(&PortLabels { port: port.into() });
+            for reason in [CLOSED_FULL, CLOSED_FOR_NEWER] {
+                let _ = connections_closed.get_or_create(&ClosedLabels { port: port.into(), reason: reason.into() });
+            }
         }
         registry.register(
-            "connections_refused",
-            "Connections closed on accept because their port had --max-connections open",
-            connections_refused.clone(),
+            "connections_closed",
+            "Connections the server closed because their port had --max-connections open, by reason \
+             (full: the new one, every open one being active; for_newer: an idle one, for a new one)",
+            connections_closed.clone(),
         );
         Self {
-            connections_refused,
+            connections_closed,
             unknown,
             reloads,
             model_version,
@@ -153,9 +162,10 @@ impl Metrics {
         }
     }
 
-    /// The counter of connections refused on `port` (`http`, `grpc`), for [`crate::conn::Admission`].
-    pub fn connections_refused(&self, port: &str) -> Counter {
-        self.connections_refused.get_or_create(&PortLabels { port: port.into() }).clone()
+    /// The counter of connections closed on `port` (`http`, `grpc`) for `reason` ([`CLOSED_FULL`],
+    /// [`CLOSED_FOR_NEWER`]), for [`crate::conn::Admission`].
+    pub fn connections_closed(&self, port: &str, reason: &str) -> Counter {
+        self.connections_closed.get_or_create(&ClosedLabels { port: port.into(), reason: reason.into() }).clone()
     }
 
     pub fn request(&self, endpoint: &str, status: u16, latency: Duration, error_code: Option<&str>) {
