@@ -579,7 +579,7 @@ fn resident_bytes() -> Option<u64> {
 /// Gives memory freed after a spike back to the system. `tune_malloc` returns large blocks as
 /// they are freed, but a crafted request leaves millions of small ones (parsed headers, JSON,
 /// protobuf) scattered over glibc's heaps, which keep their pages: every 5 s, when the resident
-/// size has grown 32 MiB beyond its level after the last trim, `malloc_trim(0)` releases every
+/// size has grown 8 MiB beyond its level after the last trim, `malloc_trim(0)` releases every
 /// whole free page of every arena (measured in docs/reliability.md).
 async fn give_back_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -590,7 +590,7 @@ async fn give_back_memory() {
         loop {
             tick.tick().await;
             let Some(now) = resident_bytes() else { return };
-            if now < floor + (32 << 20) {
+            if now < floor + (8 << 20) {
                 floor = floor.min(now);
                 continue;
             }

@@ -298,25 +298,33 @@ impl AppState {
     /// Decodes and resizes images off the async threads for model `m`; the first image that
     /// cannot be read fails the request, naming its part.
     async fn to_pixels(&self, m: &Served, parts: Vec<(String, Bytes)>) -> Result<(Vec<String>, Vec<u8>), ApiError> {
-        let (size, prep, max) = (m.size as u32, m.preprocessing.clone(), self.cfg.limits);
-        // Waits for a decode slot: decodes, not requests, are what take memory and cores. The
-        // permit goes with the decoding thread (which a timed-out request cannot stop), and its
-        // images are decoded one after another, so that a permit is one decode at a time.
-        let permit = self.decodes.clone().acquire_owned().await.map_err(|_| ApiError::overloaded("shutting down"))?;
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let mut pixels = Vec::with_capacity(parts.len() * (size * size * 3) as usize);
-            for (name, bytes) in &parts {
-                let mut one = preprocess::decode_batch(&[Source::Bytes(bytes)], size, &prep, &max);
-                if let Some((_, e)) = one.failed.pop() {
-                    return Err(image_error(name, e));
-                }
-                pixels.extend_from_slice(&one.pixels);
+        let (size, max) = (m.size as u32, self.cfg.limits);
+        let mut pixels = Vec::with_capacity(parts.len() * (size * size * 3) as usize);
+        let mut names = Vec::with_capacity(parts.len());
+        for (name, bytes) in parts {
+            // A decode slot per image, not per request: decodes, not requests, are what take
+            // memory and cores, and the slots are handed out in turn (tokio's semaphore is
+            // fair), so a photo sent while a request of 16 large images decodes waits for one
+            // image, not sixteen. The permit goes with the decoding thread (which a timed-out
+            // request cannot stop).
+            let permit =
+                self.decodes.clone().acquire_owned().await.map_err(|_| ApiError::overloaded("shutting down"))?;
+            let prep = m.preprocessing.clone();
+            let mut one = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                preprocess::decode_batch(&[Source::Bytes(&bytes)], size, &prep, &max)
+            })
+            .await
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("decoding failed: {e}"))
+            })?;
+            if let Some((_, e)) = one.failed.pop() {
+                return Err(image_error(&name, e));
             }
-            Ok((parts.into_iter().map(|(name, _)| name).collect(), pixels))
-        })
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("decoding failed: {e}")))?
+            pixels.extend_from_slice(&one.pixels);
+            names.push(name);
+        }
+        Ok((names, pixels))
     }
 
     /// Runs `n` images of `pixels` on model `m` (`started`: when the request began).
