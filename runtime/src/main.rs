@@ -163,7 +163,8 @@ struct ServeArgs {
     /// Seconds a whole request may take, body, decoding, queue and inference included.
     #[arg(long, default_value_t = 60)]
     request_timeout_s: u64,
-    /// Most connections open at once on each port (HTTP, gRPC); one more is closed on accept.
+    /// Most connections open at once on each port (HTTP, gRPC); a full port closes its oldest
+    /// silent (else longest idle) connection for a new one, or the new one when all are active.
     /// Lowered where the open-files limit (raised to its hard limit at start) would not hold
     /// both ports' and the process's own files.
     #[arg(long, default_value_t = 512)]
