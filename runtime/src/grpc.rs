@@ -302,15 +302,19 @@ const SMALL_MESSAGE: usize = 64 << 10;
 /// inference calls beyond `--max-inflight` (`RESOURCE_EXHAUSTED`, the permit held until the
 /// answer is built). Health, readiness and metadata take no permit, so that they answer while
 /// every permit is held, and their messages are cut at [`SMALL_MESSAGE`].
+/// A `ModelInfer` message is read whole (at most `max_message` bytes) and its protobuf fields
+/// counted ([`check_infer_message`]) before prost decodes it: decoded, 16 MiB of empty `inputs`
+/// entries took 2.5 GB.
 #[derive(Clone)]
 pub struct Gate {
     token: Option<Arc<str>>,
     permits: Arc<tokio::sync::Semaphore>,
+    max_message: usize,
 }
 
 impl Gate {
-    pub fn new(token: Option<&str>, max_inflight: usize) -> Self {
-        Self { token: token.map(Arc::from), permits: Arc::new(tokio::sync::Semaphore::new(max_inflight)) }
+    pub fn new(token: Option<&str>, max_inflight: usize, max_message: usize) -> Self {
+        Self { token: token.map(Arc::from), permits: Arc::new(tokio::sync::Semaphore::new(max_inflight)), max_message }
     }
 
     fn authorized(&self, headers: &tonic::codegen::http::HeaderMap) -> bool {
@@ -371,12 +375,203 @@ where
                         "the server is at --max-inflight calls; retry later (health and metadata still answer)",
                     ));
                 };
+                let infer = req.uri().path().ends_with("/ModelInfer");
+                let max_message = self.gate.max_message;
                 Box::pin(async move {
+                    let req = if infer {
+                        use http_body_util::BodyExt;
+                        let (parts, body) = req.into_parts();
+                        // The frame header (5 bytes) beside the message; past the limit tonic's
+                        // own check would refuse it anyway.
+                        let bytes = match http_body_util::Limited::new(body, max_message + 5).collect().await {
+                            Ok(b) => b.to_bytes(),
+                            Err(e) => {
+                                let s = if e.is::<http_body_util::LengthLimitError>() {
+                                    Status::resource_exhausted(format!(
+                                        "message larger than {max_message} bytes (--max-body-mib)"
+                                    ))
+                                } else {
+                                    Status::cancelled(format!("reading the message: {e}"))
+                                };
+                                return Ok(s.into_http());
+                            }
+                        };
+                        if let Err(why) = check_infer_frames(&bytes) {
+                            return Ok(Status::invalid_argument(why).into_http());
+                        }
+                        HttpRequest::from_parts(parts, tonic::body::Body::new(http_body_util::Full::new(bytes)))
+                    } else {
+                        req
+                    };
                     let answer = inner.call(req).await;
                     drop(permit);
                     answer
                 })
             }
         }
+    }
+}
+
+/// Checks the gRPC frames of a `ModelInfer` request body (flag, length, message) with
+/// [`check_infer_message`]; a compressed frame is left to tonic (which refuses it: no
+/// compression is enabled), a short one to its decoder.
+fn check_infer_frames(mut body: &[u8]) -> Result<(), String> {
+    while body.len() >= 5 {
+        let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+        if body[0] != 0 || body.len() < 5 + len {
+            return Ok(());
+        }
+        check_infer_message(&body[5..5 + len])?;
+        body = &body[5 + len..];
+    }
+    Ok(())
+}
+
+/// The most `parameters` entries a request or an input may carry.
+const MAX_PARAMETERS: usize = 64;
+/// The longest request `id` (it is echoed in the answer).
+const MAX_ID: usize = 4096;
+
+/// Counts the protobuf fields of a `ModelInferRequest` (the KServe v2 proto: 3 `id`, 4
+/// `parameters`, 5 `inputs`, 6 `outputs`, 7 `raw_input_contents`; in an input, 3 `shape` and 4
+/// `parameters`) on the wire, before any is decoded: at most one input and one raw content (the
+/// model has one input), three outputs (the model has at most three), 64 parameters, 16
+/// dimensions, a 4 KiB `id`. Each entry decoded costs a few hundred bytes for as little as two
+/// on the wire, so that a message of millions of empty entries would take gigabytes.
+pub fn check_infer_message(msg: &[u8]) -> Result<(), String> {
+    let (mut inputs, mut outputs, mut raw, mut params) = (0usize, 0usize, 0usize, 0usize);
+    walk(msg, &mut |field, payload| {
+        match field {
+            3 if payload.map_or(0, <[u8]>::len) > MAX_ID => Err(format!("`id` longer than {MAX_ID} bytes")),
+            4 => count(&mut params, MAX_PARAMETERS, "`parameters` entries"),
+            5 => {
+                count(&mut inputs, 1, "`inputs` (the model has one input)")?;
+                let (mut dims, mut input_params) = (0usize, 0usize);
+                walk(payload.unwrap_or_default(), &mut |f, p| match (f, p) {
+                    // `shape`: packed (one field of varints) or not (a field per dimension).
+                    (3, Some(packed)) => {
+                        dims += packed.iter().filter(|b| **b < 0x80).count();
+                        if dims > 16 {
+                            Err("an input `shape` of more than 16 dimensions".to_string())
+                        } else {
+                            Ok(())
+                        }
+                    }
+                    (3, None) => count(&mut dims, 16, "`shape` dimensions of an input"),
+                    (4, _) => count(&mut input_params, MAX_PARAMETERS, "`parameters` entries of an input"),
+                    _ => Ok(()),
+                })
+            }
+            6 => count(&mut outputs, 3, "`outputs` (the model has at most three: logits, probabilities, ood_score)"),
+            7 => count(&mut raw, 1, "`raw_input_contents` (the model has one input)"),
+            _ => Ok(()),
+        }
+    })
+}
+
+fn count(n: &mut usize, most: usize, what: &str) -> Result<(), String> {
+    *n += 1;
+    if *n > most {
+        return Err(format!("more than {most} {what} in the message: refused before it is decoded"));
+    }
+    Ok(())
+}
+
+/// Calls `f(field number, payload)` for each top-level field of a protobuf message (`payload`:
+/// the bytes of a length-delimited field, `None` for a number); `Err` for bytes that are not a
+/// protobuf message.
+/// What [`walk`] calls for each field.
+type Visit<'a> = dyn FnMut(u64, Option<&[u8]>) -> Result<(), String> + 'a;
+
+fn walk(mut b: &[u8], f: &mut Visit<'_>) -> Result<(), String> {
+    fn varint(b: &mut &[u8]) -> Result<u64, String> {
+        let mut v = 0u64;
+        for shift in 0..10 {
+            let (&byte, rest) = b.split_first().ok_or("a truncated protobuf varint")?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << (7 * shift);
+            if byte < 0x80 {
+                return Ok(v);
+            }
+        }
+        Err("a protobuf varint of more than 10 bytes".into())
+    }
+    let skip = |b: &mut &[u8], n: usize| -> Result<(), String> {
+        if b.len() < n {
+            return Err("a truncated protobuf field".into());
+        }
+        *b = &b[n..];
+        Ok(())
+    };
+    while !b.is_empty() {
+        let tag = varint(&mut b)?;
+        match tag & 7 {
+            0 => {
+                varint(&mut b)?;
+                f(tag >> 3, None)?;
+            }
+            1 => {
+                skip(&mut b, 8)?;
+                f(tag >> 3, None)?;
+            }
+            2 => {
+                let len = usize::try_from(varint(&mut b)?).map_err(|_| "a protobuf length past memory")?;
+                if b.len() < len {
+                    return Err("a truncated protobuf field".into());
+                }
+                let (payload, rest) = b.split_at(len);
+                b = rest;
+                f(tag >> 3, Some(payload))?;
+            }
+            5 => {
+                skip(&mut b, 4)?;
+                f(tag >> 3, None)?;
+            }
+            w => return Err(format!("protobuf wire type {w} (not a ModelInferRequest)")),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn infer_messages_are_counted_before_they_are_decoded() {
+        use prost::Message;
+        // A request as Triton's clients send it passes.
+        let good = ModelInferRequest {
+            model_name: "footwear".into(),
+            id: "x".into(),
+            inputs: vec![model_infer_request::InferInputTensor {
+                name: "image".into(),
+                datatype: "UINT8".into(),
+                shape: vec![2, 96, 96, 3],
+                ..Default::default()
+            }],
+            outputs: vec![
+                model_infer_request::InferRequestedOutputTensor { name: "probabilities".into(), ..Default::default() },
+                model_infer_request::InferRequestedOutputTensor { name: "ood_score".into(), ..Default::default() },
+            ],
+            raw_input_contents: vec![vec![7u8; 2 * 96 * 96 * 3]],
+            ..Default::default()
+        };
+        assert_eq!(check_infer_message(&good.encode_to_vec()), Ok(()));
+        // Millions of empty inputs, outputs asked again and again, a huge id, a 17-d shape.
+        let bomb = [0x2a, 0x00].repeat(1_000_000);
+        assert!(check_infer_message(&bomb).unwrap_err().contains("`inputs`"));
+        assert!(check_infer_message(&[0x32, 0x00].repeat(4)).unwrap_err().contains("`outputs`"));
+        let mut long_id = good.clone();
+        long_id.id = "i".repeat(5000);
+        assert!(check_infer_message(&long_id.encode_to_vec()).unwrap_err().contains("`id`"));
+        let mut deep = good.clone();
+        deep.inputs[0].shape = vec![1; 17];
+        assert!(check_infer_message(&deep.encode_to_vec()).unwrap_err().contains("16 dimensions"));
+        assert!(check_infer_message(&[0x2b]).unwrap_err().contains("wire type 3"));
+        // Frames: a good one passes, the bomb's frame is refused.
+        let frame = |m: &[u8]| [&[0u8][..], &(m.len() as u32).to_be_bytes(), m].concat();
+        assert_eq!(check_infer_frames(&frame(&good.encode_to_vec())), Ok(()));
+        assert!(check_infer_frames(&frame(&bomb)).is_err());
     }
 }

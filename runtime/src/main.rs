@@ -481,7 +481,7 @@ fn serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
                 .max_concurrent_streams(16)
                 .http2_keepalive_interval(Some(Duration::from_secs(20)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-                .layer(runtime::grpc::Gate::new(a.token.as_deref(), a.max_inflight));
+                .layer(runtime::grpc::Gate::new(a.token.as_deref(), a.max_inflight, a.max_body_mib << 20));
             let scheme = if let Some((_, cert, key)) = &tls {
                 let identity = tonic::transport::Identity::from_pem(cert, key);
                 let tls_config = tonic::transport::ServerTlsConfig::new()
