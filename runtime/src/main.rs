@@ -567,8 +567,8 @@ fn tune_malloc() {
     }
 }
 
-#[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code))]
 /// The process's resident size, bytes (`/proc/self/statm`); `None` where it cannot be read.
+#[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code))]
 fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;

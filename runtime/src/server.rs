@@ -224,13 +224,13 @@ impl AppState {
         })
     }
 
-    /// The model serving now. A request takes it once and keeps it to the end, so that a reload
-    /// in between does not mix two models in one answer.
     /// The server's Prometheus metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
+    /// The model serving now. A request takes it once and keeps it to the end, so that a reload
+    /// in between does not mix two models in one answer.
     pub fn current(&self) -> Arc<Served> {
         self.model.load_full()
     }
