@@ -319,6 +319,11 @@ fn v2_json_is_refused_as_it_is_read() {
             "bad_outputs",
         ),
         ("a value past 255", format!(r#"{{"inputs": [{}]}}"#, input("[1, 2, 300]")), "malformed_json"),
+        (
+            "a 15 MB id, which the answer would echo",
+            format!(r#"{{"id": "{}", "inputs": [{}]}}"#, "i".repeat(15_000_000), input(&pixels)),
+            "bad_id",
+        ),
     ];
     let c = client();
     let mut biggest = 0;

@@ -430,7 +430,7 @@ fn check_infer_frames(mut body: &[u8]) -> Result<(), String> {
 /// The most `parameters` entries a request or an input may carry.
 const MAX_PARAMETERS: usize = 64;
 /// The longest request `id` (it is echoed in the answer).
-const MAX_ID: usize = 4096;
+const MAX_ID: usize = v2::MAX_ID;
 
 /// Counts the protobuf fields of a `ModelInferRequest` (the KServe v2 proto: 3 `id`, 4
 /// `parameters`, 5 `inputs`, 6 `outputs`, 7 `raw_input_contents`; in an input, 3 `shape` and 4

@@ -447,6 +447,9 @@ struct InferOutputRequest {
     parameters: Parameters,
 }
 
+/// The longest request `id`, HTTP and gRPC alike.
+pub const MAX_ID: usize = 4096;
+
 #[derive(Deserialize)]
 struct InferRequest {
     id: Option<String>,
@@ -490,6 +493,13 @@ pub async fn infer(
     let req: InferRequest = serde_json::from_slice(&head)
         .map_err(|e| ApiError::bad_request("malformed_json", format!("inference request: {e}")))?;
     let mut req = req;
+    // The id comes back in the answer: a 15 MiB one made each answer 15 MiB (issue 27).
+    if let Some(id) = req.id.as_ref().filter(|id| id.len() > MAX_ID) {
+        return Err(ApiError::bad_request(
+            "bad_id",
+            format!("`id` of {} bytes; at most {MAX_ID} (it is echoed in the answer)", id.len()),
+        ));
+    }
     let [input] = req.inputs.as_mut_slice() else {
         return Err(ApiError::bad_request(
             "bad_inputs",
