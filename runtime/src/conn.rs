@@ -448,6 +448,28 @@ mod tests {
         matches!(tokio::time::timeout(within, c.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
     }
 
+    /// An echo server on `listener` under `admission`: what the guard lets through comes back.
+    fn echo_server(listener: TcpListener, admission: Admission) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                let mut g = accept(&listener, &admission).await;
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    loop {
+                        match g.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                if g.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        })
+    }
+
     async fn echo(c: &mut TcpStream) {
         c.write_all(b"hi").await.unwrap();
         let mut got = [0u8; 2];
@@ -460,28 +482,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admission = Admission::new("test", limits(2), Default::default(), Default::default());
-        let server = {
-            let admission = admission.clone();
-            tokio::spawn(async move {
-                loop {
-                    let mut g = accept(&listener, &admission).await;
-                    // An echo server: what the guard lets through comes back.
-                    tokio::spawn(async move {
-                        let mut buf = [0u8; 64];
-                        loop {
-                            match g.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => {
-                                    if g.write_all(&buf[..n]).await.is_err() {
-                                        return;
-                                    }
-                                }
-                            }
-                        }
-                    });
-                }
-            })
-        };
+        let server = echo_server(listener, admission.clone());
         let settle = || tokio::time::sleep(Duration::from_millis(50));
         let mut a = TcpStream::connect(addr).await.unwrap();
         echo(&mut a).await;
@@ -517,28 +518,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admission = Admission::new("test", limits(2), Default::default(), Default::default());
-        let server = {
-            let admission = admission.clone();
-            tokio::spawn(async move {
-                loop {
-                    let mut g = accept(&listener, &admission).await;
-                    // An echo server: what the guard lets through comes back.
-                    tokio::spawn(async move {
-                        let mut buf = [0u8; 64];
-                        loop {
-                            match g.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => {
-                                    if g.write_all(&buf[..n]).await.is_err() {
-                                        return;
-                                    }
-                                }
-                            }
-                        }
-                    });
-                }
-            })
-        };
+        let server = echo_server(listener, admission.clone());
         let mut a = TcpStream::connect(addr).await.unwrap();
         let mut b = TcpStream::connect(addr).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
